@@ -1,0 +1,1 @@
+"""What a Llama checkpoint is: config, weights, tokenizer, GGUF import."""

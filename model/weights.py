@@ -1,0 +1,64 @@
+"""Safetensors checkpoint reading: single file or sharded index, memory-mapped, validated.
+
+Only the tensors a caller asks for are read (``CheckpointReader.read``), so a compiled plan never
+touches a dropped sublayer's weights; ``names_read`` records what was read, for tests.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from model.errors import UserError
+
+
+class CheckpointReader:
+    """Maps tensor name -> safetensors file for a checkpoint directory, and reads tensors by name."""
+
+    def __init__(self, checkpoint_dir):
+        self.dir = Path(checkpoint_dir)
+        self.names_read: list[str] = []
+        self._handles = {}
+        index = self.dir / "model.safetensors.index.json"
+        single = self.dir / "model.safetensors"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise UserError(f"{index}: expected JSON with a 'weight_map' object ({e})") from None
+            self.files = {name: self.dir / f for name, f in weight_map.items()}
+        elif single.is_file():
+            self.files = {name: single for name in self._handle(single).keys()}
+        else:
+            raise UserError(f"{self.dir}: no model.safetensors or model.safetensors.index.json "
+                            f"(only safetensors checkpoints are loaded, never pickles)")
+
+    def _handle(self, path: Path):
+        if path not in self._handles:
+            if not path.is_file():
+                raise UserError(f"{path}: missing (named by the checkpoint's index)")
+            try:
+                self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types for corrupt files
+                raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+        return self._handles[path]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def read(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+        """Read tensor ``name``, check it has ``shape``, cast to ``dtype`` and move to ``device``."""
+        if name not in self.files:
+            raise UserError(f"{self.dir}: tensor '{name}' is missing (expected shape {list(shape)})")
+        path = self.files[name]
+        try:
+            t = self._handle(path).get_tensor(name)
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"{path}: cannot read tensor '{name}' ({e}); is the file truncated?") from None
+        if tuple(t.shape) != tuple(shape):
+            raise UserError(f"{path}: tensor '{name}' has shape {list(t.shape)}, expected {list(shape)}")
+        self.names_read.append(name)
+        return t.to(device=device, dtype=dtype)

@@ -1,0 +1,21 @@
+"""What to run: plans, their compiled schedule, the engine, and the ``load`` entry point.
+
+    import runtime
+    engine = runtime.load("smollm2-135m-instruct", plan="attn66")
+    print(engine.generate("The capital of France is", max_new_tokens=20).texts[0])
+"""
+
+
+def load(model=None, plan=None, dtype="auto", device="auto", max_seq_len=None, show_progress=True):
+    """Build an ``Engine``; see ``runtime.engine.load``. (Imported lazily so ``python -m runtime.x`` is clean.)"""
+    from runtime.engine import load as _load
+
+    return _load(model, plan, dtype, device, max_seq_len, show_progress)
+
+
+def __getattr__(name):
+    if name == "Engine":
+        from runtime.engine import Engine
+
+        return Engine
+    raise AttributeError(name)

@@ -1,0 +1,129 @@
+"""``python -m runtime.generate``: generate text with a (possibly layer-dropped) Llama.
+
+Generated text streams to stdout; the resolved plan, bytes and speed go to stderr as labelled lines.
+"""
+
+import argparse
+import sys
+import time
+
+from model.errors import UserError
+
+MiB = 1024 * 1024
+
+
+def add_generation_args(p: argparse.ArgumentParser):
+    """The flags shared by every entry point that generates (CONVENTIONS.md)."""
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory or known name (default: smollm2-135m-instruct)")
+    p.add_argument("--plan", default=None, help="plan JSON path or preset name (default: full)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default=None, help="prompt text")
+    src.add_argument("--prompt-file", default=None, help="file with one prompt per line (a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="KV-cache positions (default: prompt + new tokens)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 means off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+
+
+def check_args(args):
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens: expected an integer >= 0, got {args.max_new_tokens}")
+    if args.max_seq_len is not None and args.max_seq_len < 1:
+        raise UserError(f"--max-seq-len: expected a positive integer, got {args.max_seq_len}")
+    if args.temperature < 0:
+        raise UserError(f"--temperature: expected a number >= 0, got {args.temperature}")
+    if args.top_k < 0:
+        raise UserError(f"--top-k: expected an integer >= 0, got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p: expected a number in (0, 1], got {args.top_p}")
+
+
+def read_prompts(args) -> list[str]:
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompts = [line.rstrip("\n") for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--prompt-file: cannot read {args.prompt_file} ({e})") from None
+        if not prompts:
+            raise UserError(f"--prompt-file: {args.prompt_file} has no prompts (one per line expected)")
+        return prompts
+    return [args.prompt if args.prompt is not None else "Once upon a time"]
+
+
+def report_engine(engine, seq_len: int, out=sys.stderr):
+    """Labelled lines: the resolved plan, weight bytes and KV-cache bytes vs the full model."""
+    print(f"plan: {engine.plan.describe()}", file=out)
+    print(f"weights: {engine.weight_bytes / MiB:.1f} MiB (full {engine.full_weight_bytes / MiB:.1f} MiB)", file=out)
+    print(f"KV cache: {engine.kv_bytes(seq_len) / MiB:.1f} MiB for {seq_len} positions "
+          f"(full {engine.kv_bytes(seq_len, full=True) / MiB:.1f} MiB)", file=out)
+
+
+class Streamer:
+    """Prints the single row's new text as tokens arrive (decoding the whole output so far)."""
+
+    def __init__(self, tokenizer, eos_ids):
+        self.tok, self.eos, self.ids, self.shown = tokenizer, set(eos_ids), [], ""
+
+    def __call__(self, step, tokens):
+        t = int(tokens[0])
+        if t in self.eos:
+            return
+        self.ids.append(t)
+        text = self.tok.decode(self.ids)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(self.shown):])
+            sys.stdout.flush()
+            self.shown = text
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m runtime.generate", description=__doc__)
+    add_generation_args(p)
+    args = p.parse_args(argv)
+    try:
+        check_args(args)
+        prompts = read_prompts(args)
+        import runtime
+
+        t0 = time.perf_counter()
+        engine = runtime.load(args.model, plan=args.plan, dtype=args.dtype, device=args.device,
+                              max_seq_len=args.max_seq_len)
+        load_s = time.perf_counter() - t0
+        ids = engine.encode_prompts(prompts, chat=args.chat)
+        seq_len = args.max_seq_len or max(len(i) for i in ids) + args.max_new_tokens
+        report_engine(engine, seq_len)
+        print(f"load: {load_s:.2f} s ({engine.dtype}, {engine.device})", file=sys.stderr)
+        stream = Streamer(engine.tokenizer, engine.tokenizer.eos_ids) if len(ids) == 1 else None
+        if stream is not None and not args.chat:
+            sys.stdout.write(prompts[0])
+            sys.stdout.flush()
+        g = engine.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, on_token=stream)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if stream is not None:
+        sys.stdout.write("\n")
+    else:
+        for prompt, text in zip(prompts, g.texts):
+            print(f"{prompt}{text}")
+    print(f"prompt: {g.prompt_tokens} tokens in {g.prefill_s * 1e3:.1f} ms "
+          f"({g.prompt_tokens / max(g.prefill_s, 1e-9):.1f} tokens/s, incl. first token)", file=sys.stderr)
+    if g.decode_steps:
+        ms = g.decode_s / g.decode_steps * 1e3
+        rows = len(ids)
+        print(f"decode: {ms:.2f} ms/token ({rows * 1e3 / ms:.1f} tokens/s, {g.decode_steps} steps, batch {rows})",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Checkpoints for tests: the real stories260K and SmolLM2, and random tiny Llamas saved by transformers.
+
+Also the Hugging Face reference: a ``LlamaForCausalLM`` with the same sublayers zeroed by forward hooks
+(the module still runs; its contribution to the residual stream is zero), and a step-by-step runner.
+"""
+
+import shutil
+from pathlib import Path
+
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+STORIES = SHARED / "models" / "stories260K"
+
+# name -> (hidden, layers, heads, kv_heads, intermediate, tied); GQA ratios 1, 2, 3, 4 and odd sizes
+TINY_CONFIGS = {
+    "mha-untied": (48, 3, 4, 4, 100, False),
+    "gqa2-tied": (64, 2, 4, 2, 96, True),
+    "gqa3-odd": (72, 3, 6, 2, 123, False),
+    "gqa4-tied": (128, 2, 8, 2, 200, True),
+}
+
+
+def make_tiny_llama(out_dir: Path, hidden, layers, heads, kv_heads, intermediate, tied, seed=0) -> Path:
+    """A random LlamaForCausalLM saved with transformers (its own config layout), stories260K's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, intermediate_size=intermediate, vocab_size=512,
+                      max_position_embeddings=256, tie_word_embeddings=tied, initializer_range=0.1,
+                      bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5, rope_theta=10000.0)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # non-trivial norm weights so that a wrong norm shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(out_dir)
+    for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(STORIES / f, out_dir / f)
+    return out_dir
+
+
+def hf_model(path, dtype=torch.float32):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def skip_sublayers(hf, plan):
+    """Zero the output of every dropped attention / MLP module of ``hf`` (forward hooks). Returns handles."""
+    handles = []
+
+    def zero(module, args, output):
+        if isinstance(output, tuple):
+            return (torch.zeros_like(output[0]),) + tuple(output[1:])
+        return torch.zeros_like(output)
+
+    for i in plan.drop_attention:
+        handles.append(hf.model.layers[i].self_attn.register_forward_hook(zero))
+    for i in plan.drop_mlp:
+        handles.append(hf.model.layers[i].mlp.register_forward_hook(zero))
+    return handles
+
+
+def rel_err(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
+
+
+@torch.inference_mode()
+def hf_prefill_decode(hf, prompt: torch.Tensor, steps: int):
+    """Greedy: HF logits of the prompt's last position and of each of ``steps`` decode steps,
+    and the tokens fed. prompt: [1, T]. Returns (list of [V] logits, list of token ids)."""
+    out = hf(prompt, use_cache=True)
+    logits, fed = [out.logits[0, -1]], []
+    cache = out.cache
+    for _ in range(steps):
+        nxt = logits[-1].argmax()
+        fed.append(int(nxt))
+        out = hf(nxt.view(1, 1), cache=cache, use_cache=True)
+        cache = out.cache
+        logits.append(out.logits[0, -1])
+    return logits, fed
+
+
+@torch.inference_mode()
+def ours_prefill_decode(engine, prompt: torch.Tensor, fed: list[int]):
+    """Our logits on the same path: prefill ``prompt`` [1, T], then feed ``fed`` one token at a time."""
+    T = prompt.shape[1]
+    cache = engine.new_cache(1, T + len(fed))
+    kv_start = torch.zeros(1, dtype=torch.int32)
+    logits = [engine.forward(prompt, cache, 0, kv_start, torch.arange(T)[None])[0, -1]]
+    for i, t in enumerate(fed):
+        pos = T + i
+        logits.append(engine.forward(torch.tensor([[t]]), cache, pos, kv_start, torch.tensor([[pos]]))[0, -1])
+    return logits
