@@ -129,15 +129,18 @@ def decode_config(batch: int, n_kv_heads: int, group: int, cache_len: int, head_
     Depends on shapes only, never on kv_start/kv_end, so the grid is fixed for a CUDA graph."""
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs every dimension >= 16
     block_g = max(16, triton.next_power_of_2(group))
-    block_n = 32 if dtype == torch.float32 and block_d > 64 else 64
+    # Exact float32 dots run on FMA units and hold more in registers: smaller key blocks, more warps.
+    block_n = 32 if dtype == torch.float32 else 64
     # Enough programs to fill a large GPU a couple of times over, slices of whole key blocks.
     max_splits = triton.cdiv(cache_len, block_n)
     splits = min(max_splits, max(1, triton.cdiv(256, batch * n_kv_heads)))
     split_len = triton.cdiv(triton.cdiv(cache_len, splits), block_n) * block_n
     splits = triton.cdiv(cache_len, split_len)
+    block_s = triton.next_power_of_2(splits)
     return {"NUM_SPLITS": splits, "SPLIT_LEN": split_len, "BLOCK_G": block_g, "BLOCK_N": block_n,
-            "BLOCK_D": block_d, "num_warps": 4, "num_stages": 2,
-            "reduce": {"BLOCK_S": triton.next_power_of_2(splits), "BLOCK_D": block_d, "num_warps": 1}}
+            "BLOCK_D": block_d, "num_warps": 8 if dtype == torch.float32 else 4, "num_stages": 2,
+            "reduce": {"BLOCK_S": block_s, "BLOCK_D": block_d,
+                       "num_warps": min(4, max(1, block_s * block_d // 512))}}
 
 
 def decode_attention_triton(q, k_cache, v_cache, kv_start, kv_end, scale):

@@ -173,7 +173,9 @@ def _build_config(reader, meta: dict, path: Path) -> dict:
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embd is None:
         raise UserError(f"{path}: no token_embd.weight tensor")
-    vocab = int(meta.get(f"{arch}.vocab_size", meta.get("tokenizer.ggml.tokens", embd.shape[-1])))
+    vocab = int(embd.shape[-1])  # rows of the embedding (GGUF shape is [hidden, vocab])
+    if int(meta.get(f"{arch}.vocab_size", vocab)) != vocab:
+        raise UserError(f"{path}: {arch}.vocab_size {meta[f'{arch}.vocab_size']} != token_embd rows {vocab}")
 
     theta = float(meta.get(f"{arch}.rope.freq_base", 10000.0))
     rope_scaling = _rope_scaling(meta, arch, path)
@@ -305,13 +307,18 @@ def _write_tokenizer(gguf_path: Path, meta: dict, config: dict, out: Path) -> No
     """tokenizer.json, tokenizer_config.json, special_tokens_map.json and chat_template.jinja."""
     from tokenizers import Tokenizer
     from tokenizers.processors import TemplateProcessing
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        try:
+            # The same GGUF conversion AutoTokenizer runs, without its second full parse of the
+            # file's metadata (3 s for SmolLM2's 49k tokens); the test checks the two agree.
+            tok = PreTrainedTokenizerFast(gguf_file=gguf_path.name, name_or_path=str(gguf_path.parent))
+        except Exception:  # noqa: BLE001 - an older/newer transformers: take the public route
+            tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds
         raise UserError(f"{gguf_path}: cannot build a tokenizer from the GGUF metadata: {e}") from e
     finally:

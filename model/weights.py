@@ -47,8 +47,8 @@ class CheckpointReader:
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def read(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
-        """Read tensor ``name``, check it has ``shape``, cast to ``dtype`` and move to ``device``."""
+    def _tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The memory-mapped tensor ``name`` (nothing read yet), shape-checked."""
         if name not in self.files:
             raise UserError(f"{self.dir}: tensor '{name}' is missing (expected shape {list(shape)})")
         path = self.files[name]
@@ -61,4 +61,23 @@ class CheckpointReader:
         if tuple(t.shape) != tuple(shape):
             raise UserError(f"{path}: tensor '{name}' has shape {list(t.shape)}, expected {list(shape)}")
         self.names_read.append(name)
-        return t.to(device=device, dtype=dtype)
+        return t
+
+    def read(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+        """Tensor ``name``, checked to have ``shape``, copied into memory we own at ``dtype`` on ``device``."""
+        return self.read_cat([(name, shape)], dtype, device)
+
+    def read_cat(self, parts: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype, device) -> torch.Tensor:
+        """Tensors concatenated along dim 0 (q/k/v, gate/up fusion), copied straight into one owned buffer:
+        no transient copies, and no reference to the memory map survives (resident memory = loaded bytes)."""
+        views = [self._tensor(name, shape) for name, shape in parts]
+        rows = sum(v.shape[0] for v in views)
+        out = torch.empty((rows, *views[0].shape[1:]), dtype=dtype, device=device)
+        r = 0
+        for v in views:
+            out[r:r + v.shape[0]].copy_(v)
+            r += v.shape[0]
+        return out
+
+    def close(self):
+        self._handles.clear()

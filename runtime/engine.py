@@ -123,14 +123,18 @@ class Engine:
         for step in self.schedule.steps:
             p = f"model.layers.{step.layer}."
             if isinstance(step, AttentionStep):
-                qkv = torch.cat([read(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+                qkv = rd.read_cat([(n, shapes[n]) for n in (p + f"self_attn.{x}_proj.weight" for x in "qkv")],
+                                  self.dtype, self.device)
                 self.layers.append(AttentionWeights(read(p + "input_layernorm.weight"), qkv,
                                                     read(p + "self_attn.o_proj.weight")))
             else:
-                gate_up = torch.cat([read(p + "mlp.gate_proj.weight"), read(p + "mlp.up_proj.weight")])
+                gate_up = rd.read_cat([(n, shapes[n]) for n in (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")],
+                                      self.dtype, self.device)
                 self.layers.append(MlpWeights(read(p + "post_attention_layernorm.weight"), gate_up,
                                               read(p + "mlp.down_proj.weight")))
-        self.reader = None  # drop the file handles: everything needed is loaded
+        self.names_read = rd.names_read
+        rd.close()  # drop the memory maps: everything needed is copied into owned tensors
+        self.reader = None
 
     @property
     def plan(self) -> Plan:
@@ -179,9 +183,12 @@ class Engine:
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, cache_start: int, kv_start: torch.Tensor,
-                positions: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+                positions: torch.Tensor, last_only: bool = False, observer=None) -> torch.Tensor:
         """tokens: [B, T] at cache indices cache_start..cache_start+T-1; kv_start: [B] first valid cache
-        index per row (left padding); positions: [B, T] rotary positions. Returns logits [B, T or 1, V]."""
+        index per row (left padding); positions: [B, T] rotary positions. Returns logits [B, T or 1, V].
+
+        ``observer(step, x_in, x_out)``, if given, sees the residual stream [B, T, H] entering and
+        leaving every schedule step (x_out = x_in + sublayer(norm(x_in))): the importance tools use it."""
         c = self.config
         B, T = tokens.shape
         eps = c.rms_norm_eps
@@ -205,6 +212,8 @@ class Engine:
                 pending = F.linear(o.reshape(B, T, q_dim), w.o)
             else:
                 pending = F.linear(kernels.swiglu(F.linear(h, w.gate_up)), w.down)
+            if observer is not None:
+                observer(step, x, x + pending)
         if last_only:
             x, pending = x[:, -1:], None if pending is None else pending[:, -1:]
         _, h = kernels.add_rmsnorm(pending, x, self.final_norm, eps)
@@ -219,8 +228,9 @@ class Engine:
                             f"({'--max-seq-len' if self.max_seq_len and self.max_seq_len < self.config.max_position_embeddings else 'max_position_embeddings of the model'})")
 
     @torch.inference_mode()
-    def logits(self, token_ids) -> torch.Tensor:
-        """Scoring: token_ids [T] or [B, T] (list or tensor, equal lengths) -> float32 logits [B, T, V]."""
+    def logits(self, token_ids, observer=None) -> torch.Tensor:
+        """Scoring: token_ids [T] or [B, T] (list or tensor, equal lengths) -> float32 logits [B, T, V].
+        ``observer``: see ``forward``."""
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device)
         if ids.dim() == 1:
             ids = ids[None]
@@ -231,7 +241,7 @@ class Engine:
         cache = self.new_cache(B, T) if self.max_seq_len is None else self._get_cache(B, T)
         kv_start = torch.zeros(B, dtype=torch.int32, device=self.device)
         positions = torch.arange(T, device=self.device)[None].expand(B, T)
-        return self.forward(ids, cache, 0, kv_start, positions).float()
+        return self.forward(ids, cache, 0, kv_start, positions, observer=observer).float()
 
     def encode_prompts(self, prompts, chat: bool = False) -> list[list[int]]:
         if isinstance(prompts, str):
@@ -242,11 +252,13 @@ class Engine:
     @torch.inference_mode()
     def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, chat: bool = False, stop_at_eos: bool = True,
-                 on_token=None) -> Generation:
+                 stop_sequences: list[str] | None = None, on_token=None) -> Generation:
         """Generate from text prompt(s) (str or list of str) or token ids (list of int lists).
 
         Rows are left-padded to a common length; each row's rotary positions start at 0 at its first
         real token. ``on_token(step, tokens[B])`` is called after each new token (for streaming).
+        A row also finishes when its decoded text contains one of ``stop_sequences``; ``texts`` are then
+        cut before the stop sequence (``tokens`` keep everything generated).
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], str)):
             ids = self.encode_prompts(prompts, chat)
@@ -285,6 +297,10 @@ class Engine:
                         out[b].append(t)
                 if stop_at_eos:
                     finished |= torch.isin(nxt, eos)
+                if stop_sequences:
+                    for b in range(B):
+                        if not finished[b] and _stop_at(self.tokenizer.decode(out[b][-32:]), stop_sequences) >= 0:
+                            finished[b] = True
                 if on_token is not None:
                     on_token(step, nxt)
                 now = time.perf_counter()
@@ -299,4 +315,12 @@ class Engine:
                 pos = T0 + step
                 logits = self.forward(nxt[:, None], cache, pos, kv_start, (pos - kv_start)[:, None].long())
         texts = [self.tokenizer.decode(o) for o in out]
+        if stop_sequences:
+            texts = [t[:i] if (i := _stop_at(t, stop_sequences)) >= 0 else t for t in texts]
         return Generation(out, texts, B * T0, prefill_s, decode_s, steps, finished.tolist())
+
+
+def _stop_at(text: str, stops: list[str]) -> int:
+    """Index of the earliest stop sequence in ``text``, or -1."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else -1

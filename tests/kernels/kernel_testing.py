@@ -1,12 +1,24 @@
-"""Helpers shared by the kernel tests (a distinct name so it cannot clash with other test dirs)."""
+"""Helpers shared by the kernel tests (imported as tests.kernels.kernel_testing; the repository root
+is on the path through pyproject's pytest `pythonpath`)."""
 
+import contextlib
+
+import pytest
 import torch
+from hypothesis import settings
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# The interpreter mishandles bfloat16 (NaN/inf even in element-wise kernels), so bfloat16 is only
+# tested on a GPU.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 # Relative-error bounds (||a - b|| / ||b||) per dtype: element-wise kernels and attention.
 ELEMENTWISE_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 ATTENTION_TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+# Random-shape tests: few examples (the interpreter is slow), reproducible.
+RANDOM_SHAPES = settings(max_examples=12, deadline=None, derandomize=True, database=None)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -22,18 +34,22 @@ def assert_close(actual, expected, tol, what=""):
     assert err < tol, f"{what}: relative error {err:.3g} >= {tol:g}"
 
 
-def randn(*shape, dtype, seed=None, gen=None):
-    g = gen if gen is not None else torch.Generator().manual_seed(seed or 0)
-    return torch.randn(*shape, generator=g, dtype=torch.float32).to(dtype=dtype, device=DEVICE)
+def randn(*shape, dtype, gen):
+    return torch.randn(*shape, generator=gen, dtype=torch.float32).to(dtype=dtype, device=DEVICE)
 
 
-def poison_empty(monkeypatch):
-    """Make torch.empty / empty_like return NaN-filled floating tensors, so that an output element a
-    kernel forgets to write shows up as NaN instead of as whatever the allocator left there."""
+@contextlib.contextmanager
+def triton_path():
+    """Run the dispatch's Triton path (SUBLAYER_TRITON=1), with torch.empty / empty_like returning
+    NaN-filled floating tensors, so that an output element a kernel forgets to write shows up as
+    NaN instead of as whatever the allocator left there."""
     empty, empty_like = torch.empty, torch.empty_like
 
     def nan_fill(t):
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan_fill(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan_fill(empty_like(*a, **k)))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SUBLAYER_TRITON", "1")
+        mp.setattr(torch, "empty", lambda *a, **k: nan_fill(empty(*a, **k)))
+        mp.setattr(torch, "empty_like", lambda *a, **k: nan_fill(empty_like(*a, **k)))
+        yield

@@ -2,15 +2,18 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, strategies as st
 
 import kernels
 from kernels.attention_decode import decode_attention_reference, decode_config
-from kernel_testing import ATTENTION_TOL, DEVICE, assert_close, poison_empty, randn
+from tests.kernels.kernel_testing import (
+    ATTENTION_TOL, DEVICE, DTYPES, RANDOM_SHAPES, assert_close, randn, triton_path,
+)
 
 
-def _case(B, Hq, Hkv, D, S, kv_start, kv_end, dtype, seed):
-    """Returns q, the caches NaN outside each row's [kv_start, kv_end) (for the kernel), the same
-    caches with zeros there (for the reference: SDPA turns masked NaN into NaN), kv_start, kv_end."""
+def check_decode(B, Hq, Hkv, D, S, kv_start, kv_end, dtype, seed=0):
+    """The kernel gets caches that are NaN outside each row's [kv_start, kv_end); the reference gets
+    zeros there instead (SDPA turns a masked NaN into NaN)."""
     g = torch.Generator().manual_seed(seed)
     q = randn(B, Hq, D, dtype=dtype, gen=g)
     k_cache = randn(B, Hkv, S, D, dtype=dtype, gen=g)
@@ -20,8 +23,12 @@ def _case(B, Hq, Hkv, D, S, kv_start, kv_end, dtype, seed):
             c[b, :, :kv_start[b]] = float("nan")
             c[b, :, kv_end[b]:] = float("nan")
     kvs = torch.tensor(kv_start, dtype=torch.int64, device=DEVICE)
-    kve = torch.tensor(kv_end, dtype=torch.int64, device=DEVICE)
-    return q, k_cache, v_cache, k_cache.nan_to_num(0.0), v_cache.nan_to_num(0.0), kvs, kve
+    kve = torch.tensor(kv_end, dtype=torch.int32, device=DEVICE)  # the engine passes int32
+    scale = 1 / math.sqrt(D)
+    ref = decode_attention_reference(q, k_cache.nan_to_num(0.0), v_cache.nan_to_num(0.0), kvs, kve, scale)
+    with triton_path():
+        out = kernels.decode_attention(q, k_cache, v_cache, kvs, kve, scale)
+    assert_close(out, ref, ATTENTION_TOL[dtype])
 
 
 # (B, Hq, Hkv, D, S, kv_start per row, kv_end per row)
@@ -32,20 +39,24 @@ CASES = [
     (1, 8, 2, 128, 100, [0], [97]),               # GQA 4, head dim 128
     (2, 8, 1, 16, 300, [0, 250], [257, 299]),     # GQA 8, several slices, padding spans slices
     (1, 2, 2, 24, 65, [64], [65]),                # head dim 24; the only key is the cache's last
-    (2, 128, 128, 8, 200, [1, 0], [190, 130]),    # many KV heads: one slice, several blocks per slice
+    (1, 128, 128, 8, 200, [1], [190]),            # many KV heads: 2 slices of several blocks each
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,Hq,Hkv,D,S,kv_start,kv_end", CASES)
-def test_decode_attention_matches_reference(monkeypatch, B, Hq, Hkv, D, S, kv_start, kv_end, dtype):
-    q, kc, vc, kc0, vc0, kvs, kve = _case(B, Hq, Hkv, D, S, kv_start, kv_end, dtype, seed=S + D)
-    scale = 1 / math.sqrt(D)
-    ref = decode_attention_reference(q, kc0, vc0, kvs, kve, scale)
-    monkeypatch.setenv("SUBLAYER_TRITON", "1")
-    poison_empty(monkeypatch)
-    out = kernels.decode_attention(q, kc, vc, kvs, kve, scale)
-    assert_close(out, ref, ATTENTION_TOL[dtype])
+def test_decode_attention_matches_reference(B, Hq, Hkv, D, S, kv_start, kv_end, dtype):
+    check_decode(B, Hq, Hkv, D, S, kv_start, kv_end, dtype, seed=S + D)
+
+
+@RANDOM_SHAPES
+@given(B=st.integers(1, 3), Hkv=st.integers(1, 3), group=st.sampled_from([1, 2, 3, 4, 8]),
+       D=st.sampled_from([8, 16, 24, 64, 128]), S=st.integers(1, 260), dtype=st.sampled_from(DTYPES),
+       data=st.data())
+def test_decode_attention_random_shapes(B, Hkv, group, D, S, dtype, data):
+    kv_end = data.draw(st.lists(st.integers(1, S), min_size=B, max_size=B))
+    kv_start = [data.draw(st.integers(0, e - 1)) for e in kv_end]
+    check_decode(B, Hkv * group, Hkv, D, S, kv_start, kv_end, dtype, seed=S + D)
 
 
 def test_decode_config_splits_static_cache():

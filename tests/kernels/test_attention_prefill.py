@@ -2,23 +2,34 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, strategies as st
 
 import kernels
-from kernels.attention_prefill import prefill_attention_reference
-from kernel_testing import ATTENTION_TOL, DEVICE, assert_close, poison_empty, randn
+from kernels.attention_prefill import prefill_attention_reference, prefill_config
+from tests.kernels.kernel_testing import (
+    ATTENTION_TOL, DEVICE, DTYPES, RANDOM_SHAPES, assert_close, randn, triton_path,
+)
 
 
-def _case(B, T, Hq, Hkv, D, q_start, kv_start, dtype, seed):
-    """q for cache indices q_start .. q_start+T-1 and a cache valid (finite) up to q_start+T, NaN after."""
+def check_prefill(B, T, Hq, Hkv, D, q_start, kv_start, dtype, seed=0, strided_q=False):
+    """q for cache indices q_start .. q_start+T-1 over a cache that is valid (finite) up to q_start+T
+    and NaN after it."""
     g = torch.Generator().manual_seed(seed)
     S = q_start + T + 5
-    q = randn(B, T, Hq, D, dtype=dtype, gen=g)
+    if strided_q:  # q as a view of a fused projection output (rows of q not contiguous)
+        q = randn(B, T, Hq + 2 * Hkv, D, dtype=dtype, gen=g)[:, :, :Hq]
+    else:
+        q = randn(B, T, Hq, D, dtype=dtype, gen=g)
     k_cache = randn(B, Hkv, S, D, dtype=dtype, gen=g)
     v_cache = randn(B, Hkv, S, D, dtype=dtype, gen=g)
     k_cache[:, :, q_start + T:] = float("nan")
     v_cache[:, :, q_start + T:] = float("nan")
     kv_start = torch.tensor(kv_start, dtype=torch.int64, device=DEVICE)
-    return q, k_cache, v_cache, kv_start
+    scale = 1 / math.sqrt(D)
+    ref = prefill_attention_reference(q, k_cache, v_cache, q_start, kv_start, scale)
+    with triton_path():
+        out = kernels.prefill_attention(q, k_cache, v_cache, q_start, kv_start, scale)
+    assert_close(out, ref, ATTENTION_TOL[dtype])
 
 
 # (B, T, Hq, Hkv, D, q_start, kv_start per row)
@@ -35,25 +46,26 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,T,Hq,Hkv,D,q_start,kv_start", CASES)
-def test_prefill_attention_matches_reference(monkeypatch, B, T, Hq, Hkv, D, q_start, kv_start, dtype):
-    q, kc, vc, kvs = _case(B, T, Hq, Hkv, D, q_start, kv_start, dtype, seed=T * D + q_start)
-    scale = 1 / math.sqrt(D)
-    ref = prefill_attention_reference(q, kc, vc, q_start, kvs, scale)
-    monkeypatch.setenv("SUBLAYER_TRITON", "1")
-    poison_empty(monkeypatch)
-    out = kernels.prefill_attention(q, kc, vc, q_start, kvs, scale)
-    assert_close(out, ref, ATTENTION_TOL[dtype])
+def test_prefill_attention_matches_reference(B, T, Hq, Hkv, D, q_start, kv_start, dtype):
+    check_prefill(B, T, Hq, Hkv, D, q_start, kv_start, dtype, seed=T * D + q_start)
 
 
-def test_prefill_attention_strided_q(monkeypatch):
-    # q as a view of a fused projection output (rows of q not contiguous).
-    dtype = torch.float32
-    g = torch.Generator().manual_seed(7)
-    B, T, Hq, Hkv, D = 2, 5, 4, 2, 16
-    q = randn(B, T, Hq + 2 * Hkv, D, dtype=dtype, gen=g)[:, :, :Hq]
-    _, kc, vc, kvs = _case(B, T, Hq, Hkv, D, 2, [0, 1], dtype, seed=8)
-    ref = prefill_attention_reference(q, kc, vc, 2, kvs, 0.3)
-    monkeypatch.setenv("SUBLAYER_TRITON", "1")
-    assert_close(kernels.prefill_attention(q, kc, vc, 2, kvs, 0.3), ref, 1e-4)
+def test_prefill_attention_strided_q():
+    check_prefill(2, 5, 4, 2, 16, 2, [0, 1], torch.float32, seed=7, strided_q=True)
+
+
+@RANDOM_SHAPES
+@given(B=st.integers(1, 2), T=st.integers(1, 40), Hkv=st.integers(1, 2), group=st.sampled_from([1, 2, 3, 4, 8]),
+       D=st.sampled_from([8, 16, 24, 64, 128]), q_start=st.integers(0, 20), dtype=st.sampled_from(DTYPES),
+       data=st.data())
+def test_prefill_attention_random_shapes(B, T, Hkv, group, D, q_start, dtype, data):
+    kv_start = data.draw(st.lists(st.integers(0, q_start + T), min_size=B, max_size=B))
+    check_prefill(B, T, Hkv * group, Hkv, D, q_start, kv_start, dtype, seed=T + D)
+
+
+def test_prefill_config_pads_head_dim_for_tl_dot():
+    assert prefill_config(512, 8, torch.float16)["BLOCK_D"] == 16
+    assert prefill_config(512, 128, torch.bfloat16)["BLOCK_M"] == 128
+    assert prefill_config(7, 64, torch.float16)["BLOCK_M"] == 16

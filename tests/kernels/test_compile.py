@@ -7,7 +7,7 @@ specialisation and then ``triton.compile`` for an explicit ``GPUTarget``.
 The compiling happens in a subprocess without TRITON_INTERPRET: under the interpreter even
 triton's own library functions (tl.sum, tl.max, ...) are interpreter objects that cannot compile.
 
-The full sweep (4 models x 3 dtypes x 2 architectures) is marked slow (run it with --run-slow);
+The full sweep (4 models x 3 dtypes x 2 architectures) is marked slow (run it with -m slow);
 the default run compiles a representative subset.
 """
 
@@ -64,7 +64,10 @@ class _Recorder:
         self.kernel, self.what, self.sink = kernel, what, sink
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.sink.append(Launch(self.what, self.kernel, args, kwargs))
+        def launch(*args, **kwargs):
+            flags = "".join(f" {k}={v}" for k, v in kwargs.items() if k.isupper() and isinstance(v, bool))
+            self.sink.append(Launch(self.what + flags, self.kernel, args, kwargs))
+        return launch
 
 
 @contextlib.contextmanager
@@ -83,7 +86,8 @@ def _recording(sink, what):
 
 
 def model_launches(model: str, dtype: torch.dtype, batch=1, prompt=512) -> list[Launch]:
-    """Every kernel launch of one prefill of `prompt` tokens and one decode step, as the runtime's
+    """Every kernel launch of a prefill of `prompt` tokens, a short prefill (7 tokens: a smaller query
+    tile) and one decode step, as the runtime's
     launchers make them (on meta tensors: no data, real shapes, strides and dtypes)."""
     m = MODELS[model]
     H, Hq, Hkv, D, I, S = m["hidden"], m["heads"], m["kv_heads"], m["head_dim"], m["inter"], m["max_seq"]
@@ -92,8 +96,9 @@ def model_launches(model: str, dtype: torch.dtype, batch=1, prompt=512) -> list[
     cos = sin = torch.empty(S, D, device="meta", dtype=torch.float32)
     k_cache, v_cache = torch.empty(batch, Hkv, S, D, **meta), torch.empty(batch, Hkv, S, D, **meta)
     kv_start = torch.empty(batch, device="meta", dtype=torch.int64)
+    kv_end = torch.empty(batch, device="meta", dtype=torch.int32)  # the engine's dtypes
     launches = []
-    for phase, T in (("prefill", prompt), ("decode", 1)):
+    for phase, T in ((f"prefill{prompt}", prompt), ("prefill7", 7), ("decode", 1)):
         with _recording(launches, phase):
             x = torch.empty(batch, T, H, **meta)
             rmsnorm.add_rmsnorm_triton(None, x, weight, 1e-5)
@@ -102,13 +107,14 @@ def model_launches(model: str, dtype: torch.dtype, batch=1, prompt=512) -> list[
             qkv = torch.empty(batch, T, Hq + 2 * Hkv, D, **meta)  # fused projection, split into views
             q, k, v = qkv.split([Hq, Hkv, Hkv], dim=2)
             positions = torch.empty(batch, T, device="meta", dtype=torch.int64)
-            # Decode passes the write index as a device tensor (CUDA graphs), prefill as an int.
-            start = torch.empty(1, device="meta", dtype=torch.int64) if phase == "decode" else 0
-            q = rotary.rotary_write_kv_triton(q, k, v, cos, sin, positions, k_cache, v_cache, start)
-            if phase == "prefill":
-                attention_prefill.prefill_attention_triton(q, k_cache, v_cache, 0, kv_start, D ** -0.5)
+            q_rot = rotary.rotary_write_kv_triton(q, k, v, cos, sin, positions, k_cache, v_cache, 0)
+            if phase != "decode":
+                attention_prefill.prefill_attention_triton(q_rot, k_cache, v_cache, 0, kv_start, D ** -0.5)
             else:
-                attention_decode.decode_attention_triton(q[:, 0], k_cache, v_cache, kv_start, kv_start,
+                # A decode step captured in a CUDA graph passes the write index as a device tensor.
+                start = torch.empty(1, device="meta", dtype=torch.int64)
+                rotary.rotary_write_kv_triton(q, k, v, cos, sin, positions, k_cache, v_cache, start)
+                attention_decode.decode_attention_triton(q_rot[:, 0], k_cache, v_cache, kv_start, kv_end,
                                                          D ** -0.5)
     return launches
 
@@ -145,7 +151,7 @@ def compile_model(model: str, dtype_name: str, arch: int) -> list[dict]:
     for launch in model_launches(model, DTYPES[dtype_name]):
         t0 = time.perf_counter()
         compiled, log = compile_launch(launch, arch)
-        key = (launch.what.split("/")[1], compiled.hash)
+        key = (launch.what.split("/")[1], compiled.hash)  # same kernel, same binary
         if key in seen:  # the same specialisation launched twice (e.g. rmsnorm in both phases)
             continue
         seen.add(key)
@@ -170,12 +176,12 @@ def check_model(model, dtype_name, arch, capsys):
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     rows = []
     for r in results:
-        rows.append(f"{model:13s} {dtype_name} sm_{arch} {r['what']:42s} regs {r['regs']} spill st/ld "
+        rows.append(f"{model:13s} {dtype_name} sm_{arch} {r['what']:55s} regs {r['regs']} spill st/ld "
                     f"{r['spill_stores']}/{r['spill_loads']} smem {r['shared']} warps {r['num_warps']} "
                     f"{r['seconds']}s")
     with capsys.disabled():
         print("\n" + "\n".join(rows))
-    kinds = {r["what"].split("/")[1] for r in results}
+    kinds = {r["what"].split("/")[1].split()[0] for r in results}
     assert len(kinds) == 6, f"expected all 6 kernels to be launched, got {sorted(kinds)}"
     for r in results:
         assert r["cubin_bytes"] > 0, f"{r['what']}: no cubin"

@@ -1,29 +1,24 @@
 import pytest
 import torch
+from hypothesis import given, strategies as st
 
 import kernels
 from kernels.rmsnorm import add_rmsnorm_config, add_rmsnorm_reference
-from kernel_testing import DEVICE, ELEMENTWISE_TOL, assert_close, randn
+from tests.kernels.kernel_testing import (
+    DTYPES, ELEMENTWISE_TOL, RANDOM_SHAPES, assert_close, randn, triton_path,
+)
 
 
-@pytest.fixture(autouse=True)
-def triton_path(monkeypatch):
-    monkeypatch.setenv("SUBLAYER_TRITON", "1")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("shape", [(1, 64), (3, 288), (2, 5, 576), (7, 123), (1, 1, 4096)])
-@pytest.mark.parametrize("with_x", [True, False])
-def test_add_rmsnorm_matches_reference(shape, dtype, with_x):
-    g = torch.Generator().manual_seed(sum(shape))
+def check_add_rmsnorm(shape, dtype, with_x, seed=0, eps=1e-5):
+    g = torch.Generator().manual_seed(seed)
     H = shape[-1]
     x = randn(*shape, dtype=dtype, gen=g) if with_x else None
     residual = randn(*shape, dtype=dtype, gen=g) * 3
     weight = 1 + 0.1 * randn(H, dtype=dtype, gen=g)
-    eps = 1e-5
     r_ref, y_ref = add_rmsnorm_reference(x, residual, weight, eps)
     res_before = residual.clone()
-    r, y = kernels.add_rmsnorm(x, residual, weight, eps)
+    with triton_path():
+        r, y = kernels.add_rmsnorm(x, residual, weight, eps)
     tol = ELEMENTWISE_TOL[dtype]
     assert_close(r, r_ref, tol, "residual")
     assert_close(y, y_ref, tol, "normed")
@@ -32,15 +27,30 @@ def test_add_rmsnorm_matches_reference(shape, dtype, with_x):
         assert r is residual
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 64), (3, 288), (2, 5, 576), (7, 123), (1, 1, 4096)])
+@pytest.mark.parametrize("with_x", [True, False])
+def test_add_rmsnorm_matches_reference(shape, dtype, with_x):
+    check_add_rmsnorm(shape, dtype, with_x, seed=sum(shape))
+
+
+@RANDOM_SHAPES
+@given(rows=st.integers(1, 6), hidden=st.integers(1, 700), dtype=st.sampled_from(DTYPES), with_x=st.booleans(),
+       seed=st.integers(0, 99))
+def test_add_rmsnorm_random_shapes(rows, hidden, dtype, with_x, seed):
+    check_add_rmsnorm((rows, hidden), dtype, with_x, seed)
+
+
 def test_add_rmsnorm_strided_rows():
-    # Rows that are not contiguous with each other (a slice of a wider buffer).
+    # Rows that are not contiguous with each other (slices of a wider buffer).
     g = torch.Generator().manual_seed(1)
     buf = randn(4, 200, dtype=torch.float32, gen=g)
     x, residual = buf[:, :96], buf[:, 100:196]
     weight = randn(96, dtype=torch.float32, gen=g)
-    for out, ref in zip(kernels.add_rmsnorm(x, residual, weight, 1e-6),
-                        add_rmsnorm_reference(x, residual, weight, 1e-6)):
-        assert_close(out, ref, 1e-5)
+    with triton_path():
+        out = kernels.add_rmsnorm(x, residual, weight, 1e-6)
+    for o, ref in zip(out, add_rmsnorm_reference(x, residual, weight, 1e-6)):
+        assert_close(o, ref, 1e-5)
 
 
 def test_config_is_pure_and_bounded():

