@@ -22,7 +22,6 @@ import argparse
 import csv
 import datetime as dt
 import json
-import math
 import os
 import shlex
 import sys
@@ -231,13 +230,20 @@ def report(args) -> int:
                f"{float(r['drop_fraction']):.3f}"] + vals
         row.append("" if avg is None else f"{100 * avg:.1f}" + ("" if n == len(tasks) else "*"))
         if has_ppl:
-            row.append(f"{float(c[PPL_TASK]['token_perplexity']['value']):.2f}" if PPL_TASK in c else "")
+            v = float(c[PPL_TASK]["token_perplexity"]["value"]) if PPL_TASK in c else None
+            row.append("" if v is None else f"{v:.2f}" if v < 1e4 else f"{v:.3g}")
         wall = sum(float(next(iter(m.values()))["wall_s"]) for m in c.values())
         row.append(f"{wall:.0f}")
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     lines.append("*frac*: dropped sublayers / (2 x layers). Perplexity: token perplexity of WikiText-2 test "
-                 "(`tools.perplexity`, disjoint windows from the start of the file).")
+                 "(`tools.perplexity`, disjoint windows from the start of the file). *wall s*: the plan's cells "
+                 "together (CPU, shared with other work: indicative only).")
+    lines += ["", "Reading it: with these limits one question is 1 point of ARC/HellaSwag/TruthfulQA and 1.75 "
+              "points of MMLU (57 questions at 1 per subject), so differences of a few points are noise. "
+              "TruthfulQA MC2 is the normalised probability mass on the true answers (a model that could not tell "
+              "answers apart at all would score the share of true answers, 44% on the first 100 questions); "
+              "here it *rises* as plans break the model, so read it together with the other columns."]
     cmds = sorted({r["command"] for r in rows if r["plan_arg"] == "full"})
     if cmds:
         lines += ["", "Commands of the `full` cells (other plans: the same with `plan=`):", ""]

@@ -52,6 +52,9 @@ def load_config(checkpoint_dir) -> LlamaConfig:
         raise UserError(f"{path}: not readable JSON ({e})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a JSON object")
+    from model.formats import checkpoint_plan  # Nemotron-NAS / LLM-Drop -> plain Llama config
+
+    raw, _ = checkpoint_plan(checkpoint_dir, raw)
     return parse_config(raw, str(path))
 
 

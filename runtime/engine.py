@@ -86,6 +86,14 @@ def load(model=None, plan=None, dtype="auto", device="auto", max_seq_len=None, s
 
     checkpoint = resolve_model(model, show_progress=show_progress)
     config = load_config(checkpoint)
+    from model.formats import read_checkpoint_plan
+
+    carried = read_checkpoint_plan(checkpoint)  # Nemotron-NAS no-ops / LLM-Drop lists, or None
+    if carried is not None:
+        if plan is not None:
+            raise UserError(f"{checkpoint}: the checkpoint already carries a plan ({carried['name']!r}: its "
+                            f"config drops sublayers); do not pass a plan (--plan) for it")
+        plan = carried
     resolved = load_plan(plan, config.num_layers)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -219,7 +227,8 @@ class Engine:
         _, h = kernels.add_rmsnorm(pending, x, self.final_norm, eps)
         return F.linear(h, self.lm_head)
 
-    def _check_length(self, n: int, what: str):
+    def check_length(self, n: int, what: str):
+        """UserError if ``n`` positions do not fit the context (``max_seq_len`` or the model's)."""
         limit = self.config.max_position_embeddings
         if self.max_seq_len is not None:
             limit = min(limit, self.max_seq_len)
@@ -228,20 +237,20 @@ class Engine:
                             f"({'--max-seq-len' if self.max_seq_len and self.max_seq_len < self.config.max_position_embeddings else 'max_position_embeddings of the model'})")
 
     @torch.inference_mode()
-    def logits(self, token_ids, observer=None) -> torch.Tensor:
-        """Scoring: token_ids [T] or [B, T] (list or tensor, equal lengths) -> float32 logits [B, T, V].
-        ``observer``: see ``forward``."""
+    def logits(self, token_ids, observer=None, last_only: bool = False) -> torch.Tensor:
+        """Scoring: token_ids [T] or [B, T] (list or tensor, equal lengths) -> float32 logits [B, T, V]
+        ([B, 1, V] with ``last_only``). ``observer``: see ``forward``."""
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device)
         if ids.dim() == 1:
             ids = ids[None]
         B, T = ids.shape
         if T == 0:
             raise UserError("logits: empty token sequence")
-        self._check_length(T, f"a sequence of {T} tokens")
+        self.check_length(T, f"a sequence of {T} tokens")
         cache = self.new_cache(B, T) if self.max_seq_len is None else self._get_cache(B, T)
         kv_start = torch.zeros(B, dtype=torch.int32, device=self.device)
         positions = torch.arange(T, device=self.device)[None].expand(B, T)
-        return self.forward(ids, cache, 0, kv_start, positions, observer=observer).float()
+        return self.forward(ids, cache, 0, kv_start, positions, last_only=last_only, observer=observer).float()
 
     def encode_prompts(self, prompts, chat: bool = False) -> list[list[int]]:
         if isinstance(prompts, str):
@@ -269,7 +278,7 @@ class Engine:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise UserError(f"--max-new-tokens: expected an integer >= 0, got {max_new_tokens!r}")
         B, T0 = len(ids), max(len(p) for p in ids)
-        self._check_length(T0 + max_new_tokens, f"a prompt of {T0} tokens plus {max_new_tokens} new tokens")
+        self.check_length(T0 + max_new_tokens, f"a prompt of {T0} tokens plus {max_new_tokens} new tokens")
         dev = self.device
         tokens = torch.full((B, T0), self.tokenizer.pad_id, dtype=torch.long)
         for b, p in enumerate(ids):

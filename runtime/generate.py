@@ -98,7 +98,10 @@ def main(argv=None) -> int:
                               max_seq_len=args.max_seq_len)
         load_s = time.perf_counter() - t0
         ids = engine.encode_prompts(prompts, chat=args.chat)
-        seq_len = args.max_seq_len or max(len(i) for i in ids) + args.max_new_tokens
+        longest = max(len(i) for i in ids)
+        engine.check_length(longest + args.max_new_tokens,
+                            f"a prompt of {longest} tokens plus {args.max_new_tokens} new tokens")
+        seq_len = args.max_seq_len or longest + args.max_new_tokens
         report_engine(engine, seq_len)
         print(f"load: {load_s:.2f} s ({engine.dtype}, {engine.device})", file=sys.stderr)
         stream = Streamer(engine.tokenizer, engine.tokenizer.eos_ids) if len(ids) == 1 else None

@@ -54,7 +54,7 @@ def similarities(engine, windows: torch.Tensor, batch_size: int = 4, progress: b
     for i in tqdm(range(0, len(windows), batch_size), desc="scoring", unit="batch", disable=not progress):
         batch = windows[i:i + batch_size].to(engine.device)
         layer_in = {}
-        engine.logits(batch, observer=observe)
+        engine.logits(batch, observer=observe, last_only=True)  # the LM head over every position is not needed
         n_tokens += batch.numel()
         # a layer with nothing kept passes the stream through unchanged
         states = []
@@ -172,7 +172,9 @@ def main(argv=None) -> int:
             raise UserError(f"--batch-size: expected a positive integer, got {args.batch_size}")
         engine, scores, drop = run(args.model, args.calib, args.samples, args.seq_len, args.batch_size,
                                    args.drop, args.iterative, args.dtype, args.device)
-        source = {"tool": "tools.importance", "model": str(engine.checkpoint_dir), "calib": str(args.calib),
+        from model.default_model import DEFAULT_MODEL
+
+        source = {"tool": "tools.importance", "model": args.model or DEFAULT_MODEL, "calib": str(args.calib),
                   "samples": args.samples, "seq_len": args.seq_len}
         if args.out:
             doc = dict(source, num_layers=engine.config.num_layers, similarity=scores,

@@ -62,6 +62,8 @@ _FORWARD_COST_TOKENS = 32
 
 def _token_text(tokenizer, token_id: int) -> str:
     """The text of one token with special tokens kept (HF ``decode(id)``, skip_special_tokens=False)."""
+    if hasattr(tokenizer, "token_text"):
+        return tokenizer.token_text(int(token_id))
     if getattr(tokenizer, "_tok", None) is not None:
         return tokenizer._tok.decode([int(token_id)], skip_special_tokens=False)
     if getattr(tokenizer, "_sp", None) is not None:

@@ -127,3 +127,13 @@ def test_similarity_report_writes_csv_and_png(tmp_path):
     rows = (tmp_path / "similarity.csv").read_text().splitlines()
     assert len(rows) == 6 and rows[0].startswith("layer,block_similarity")
     assert (tmp_path / "similarity.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_iterative_rescoring_drops_one_at_a_time():
+    from tools.importance import run
+
+    _, scores, one_shot = run(str(STORIES), WIKITEXT2, 2, 64, drop="attention:2", progress=False)
+    _, _, iterative = run(str(STORIES), WIKITEXT2, 2, 64, drop="attention:2", iterative=True, progress=False)
+    imp = importance(scores)["attention"]
+    first = min(range(5), key=lambda i: imp[i])
+    assert len(iterative["attention"]) == 2 and first in iterative["attention"] and first in one_shot["attention"]

@@ -114,10 +114,10 @@ def test_left_truncation_and_rolling_match_hflm():
 
 
 GEN_REQUESTS = [
-    ("Once upon a time", {"until": ["."], "max_gen_toks": 24}),
-    ("Lily saw a", {"until": ["\n"], "max_gen_toks": 24}),
-    ("One day, Tom went to the park. He", {"until": ["!", ".", "park"], "max_gen_toks": 24}),
-    ("The dog", {"until": ["."], "max_gen_toks": 24}),
+    ("Once upon a time", {"until": ["."], "max_gen_toks": 16}),
+    ("Lily saw a", {"until": ["\n"], "max_gen_toks": 16}),
+    ("One day, Tom went to the park. He", {"until": ["!", ".", "park"], "max_gen_toks": 16}),
+    ("The dog", {"until": ["."], "max_gen_toks": 16}),
     ("Hi", {"until": [], "max_gen_toks": 12}),
 ]
 
@@ -183,7 +183,7 @@ def test_local_generation_task_end_to_end(tmp_path):
     assert ours["results"]["stories_gen_local"] == hf["results"]["stories_gen_local"]
 
 
-def test_cli_wrapper(tmp_path, capsys):
+def test_cli_wrapper(tmp_path):
     from tools.lm_eval import main
 
     task_dir = _write_gen_task(tmp_path / "tasks")
@@ -192,10 +192,23 @@ def test_cli_wrapper(tmp_path, capsys):
                "--output_path", str(tmp_path / "out")])
     assert rc == 0
     assert list((tmp_path / "out").rglob("results_*.json"))
-    rc = main(["--model", "sublayer", "--model_args", f"pretrained={tmp_path}/missing",
-               "--include_path", str(task_dir), "--tasks", "stories_gen_local"])
-    assert rc == 2
-    assert "missing" in capsys.readouterr().err
+
+
+
+def test_cli_wrapper_reports_user_errors(monkeypatch, capsys):
+    import lm_eval.__main__
+
+    from tools.lm_eval import main
+
+    def fail():
+        import sys
+
+        assert sys.argv[1:] == ["--model", "sublayer"]
+        raise UserError("/x/missing: no such directory")
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", fail)
+    assert main(["--model", "sublayer"]) == 2
+    assert "error: /x/missing" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,0 +1,73 @@
+"""The generate CLI: streamed text on stdout, labelled accounting on stderr, clear errors for bad input."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import runtime
+from tests.models import STORIES
+
+
+def generate(*args):
+    return subprocess.run([sys.executable, "-m", "runtime.generate", *args], capture_output=True, text=True)
+
+
+def test_streams_greedy_text_and_reports_on_stderr():
+    r = generate("--model", str(STORIES), "--plan", "attn90", "--prompt", "Once upon a time", "--max-new-tokens", "20")
+    assert r.returncode == 0, r.stderr
+    engine = runtime.load(str(STORIES), plan="attn90", dtype="float32", device="cpu")
+    expected = engine.generate("Once upon a time", max_new_tokens=20).texts[0]
+    assert r.stdout == "Once upon a time" + expected + "\n"
+    for label in (r"plan: attn90: attention dropped in 1/5 layers \(4\)", r"weights: [\d.]+ MiB \(full [\d.]+ MiB\)",
+                  r"KV cache: [\d.]+ MiB for \d+ positions \(full [\d.]+ MiB\)", r"decode: [\d.]+ ms/token \([\d.]+ tokens/s"):
+        assert re.search(label, r.stderr), label
+
+
+def test_prompt_file_is_a_batch(tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("Once upon a time\nTom had a red ball\n")
+    r = generate("--model", str(STORIES), "--prompt-file", str(f), "--max-new-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("Once upon a time") and lines[1].startswith("Tom had a red ball")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-new-tokens", "-1"], "--max-new-tokens: expected an integer >= 0, got -1"),
+    (["--top-p", "0"], "--top-p: expected a number in (0, 1]"),
+    (["--temperature", "-1"], "--temperature: expected a number >= 0"),
+    (["--dtype", "float64"], "--dtype: expected one of auto, float32, bfloat16, float16; got 'float64'"),
+    (["--device", "tpu"], "--device"),
+    (["--max-seq-len", "8"], "a prompt of 5 tokens plus 24 new tokens needs 29 positions, but the context holds 8 (--max-seq-len)"),
+    (["--prompt", "Once upon a time " * 200], "positions, but the context holds 512 (max_position_embeddings"),
+    (["--prompt-file", "/nonexistent/prompts.txt"], "--prompt-file: cannot read /nonexistent/prompts.txt"),
+    (["--plan", "attn67"], "attn67: no such plan file, and not a preset name"),
+])
+def test_bad_cli_values_are_clear_errors(args, message):
+    prompt = [] if "--prompt" in args or "--prompt-file" in args else ["--prompt", "Once upon a time"]
+    r = generate("--model", str(STORIES), *prompt, "--max-new-tokens", "24", *args)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_bad_checkpoints_are_clear_errors(tmp_path):
+    r = generate("--model", str(tmp_path), "--prompt", "hi")
+    assert r.returncode == 2 and "config.json" in r.stderr and "Traceback" not in r.stderr
+    r = generate("--model", str(tmp_path / "missing"), "--prompt", "hi")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    bad = tmp_path / "gpt2"
+    shutil.copytree(STORIES, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(cfg | {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    r = generate("--model", str(bad), "--prompt", "hi")
+    assert r.returncode == 2 and "field 'architectures'" in r.stderr and "Traceback" not in r.stderr
+    trunc = tmp_path / "trunc"
+    shutil.copytree(STORIES, trunc)
+    data = (trunc / "model.safetensors").read_bytes()
+    (trunc / "model.safetensors").write_bytes(data[: len(data) // 3])
+    r = generate("--model", str(trunc), "--prompt", "hi")
+    assert r.returncode == 2 and "model.safetensors" in r.stderr and "Traceback" not in r.stderr
