@@ -87,6 +87,12 @@ class Tokenizer:
         special = {self.bos_id, *self.eos_ids}
         return self._sp.decode([i for i in ids if i not in special])
 
+    def token_text(self, token_id: int) -> str:
+        """One token's text with special tokens kept (as HF ``decode([id])``)."""
+        if self._tok is not None:
+            return self._tok.decode([int(token_id)], skip_special_tokens=False)
+        return self._sp.id_to_piece(int(token_id))
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render the checkpoint's chat template (jinja2), as transformers does."""
         if not self.chat_template:

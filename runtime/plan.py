@@ -95,8 +95,11 @@ def load_plan(spec, num_layers: int) -> Plan:
     path = Path(spec)
     if not path.exists() and spec in presets:
         return resolve_plan(presets[spec], num_layers, where=f"preset {spec!r}")
+    if not path.exists() and (PLANS_DIR / f"{spec}.json").is_file():  # a checked-in plan, by name
+        path = PLANS_DIR / f"{spec}.json"
     if not path.is_file():
-        raise PlanError(f"{spec}: no such plan file, and not a preset name (presets: {', '.join(presets)})")
+        raise PlanError(f"{spec}: no such plan file, and not a preset name (presets: {', '.join(presets)}; "
+                        f"other plans in {PLANS_DIR} also load by name)")
     try:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

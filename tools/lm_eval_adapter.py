@@ -60,17 +60,6 @@ _LOGITS_BUDGET = 2 ** 28  # bytes
 _FORWARD_COST_TOKENS = 32
 
 
-def _token_text(tokenizer, token_id: int) -> str:
-    """The text of one token with special tokens kept (HF ``decode(id)``, skip_special_tokens=False)."""
-    if hasattr(tokenizer, "token_text"):
-        return tokenizer.token_text(int(token_id))
-    if getattr(tokenizer, "_tok", None) is not None:
-        return tokenizer._tok.decode([int(token_id)], skip_special_tokens=False)
-    if getattr(tokenizer, "_sp", None) is not None:
-        return tokenizer._sp.id_to_piece(int(token_id))
-    return tokenizer.decode([token_id])
-
-
 def _common_prefix_len(seqs) -> int:
     """Length of the longest common prefix of the sequences."""
     first, n = seqs[0], min(len(s) for s in seqs)
@@ -166,9 +155,9 @@ class SublayerLM(TemplateLM):
         else:
             raise UserError(f"{self._name}: the tokenizer has no EOS token (lm-eval needs one)")
         self._prefix = tok.bos_id if tok.bos_id is not None else self._eot
-        self._prefix_text = _token_text(tok, self._prefix)
-        self._bos_text = _token_text(tok, tok.bos_id) if tok.bos_id is not None else None
-        self._eot_text = _token_text(tok, self._eot)
+        self._prefix_text = tok.token_text(self._prefix)
+        self._bos_text = tok.token_text(tok.bos_id) if tok.bos_id is not None else None
+        self._eot_text = tok.token_text(self._eot)
         print(f"sublayer: {engine.plan.describe()}", file=sys.stderr)
 
     @classmethod
@@ -255,7 +244,7 @@ class SublayerLM(TemplateLM):
         if isinstance(tokens, int):
             tokens = [tokens]
         if not skip_special_tokens:
-            return "".join(_token_text(self.tokenizer, t) for t in tokens)
+            return "".join(self.tokenizer.token_text(t) for t in tokens)
         return self.tokenizer.decode(tokens)
 
     # ---- scoring -----------------------------------------------------------------------------

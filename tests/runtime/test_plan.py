@@ -84,6 +84,11 @@ def test_file_errors_name_the_file(tmp_path):
         load_plan("attn67", 5)
 
 
+def test_checked_in_plans_load_by_name():
+    assert load_plan("imp-attn10", 30) == load_plan(PLANS_DIR / "imp-attn10.json", 30)
+    assert load_plan("imp-attn10", 30).name == "imp-attn10"
+
+
 def test_cli_bad_plan_exits_cleanly(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"version": 1, "drop": {"attention": [7]}}))
