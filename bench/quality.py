@@ -217,12 +217,9 @@ def report(args) -> int:
         head.append("WikiText-2 ppl")
     head.append("wall s")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    full_avg = None
     for p in _order(cells):
         c, r = cells[p], info[p]
         avg, n = _average(c, tasks)
-        if p == "full":
-            full_avg = avg
         na, nm = len(r["dropped_attention"].split()), len(r["dropped_mlp"].split())
         L = int(r["num_layers"])
         vals = [f"{100 * float(c[t][MAIN_METRIC[t]]['value']):.1f}" if t in c else "" for t in tasks]
@@ -267,7 +264,6 @@ def _plot(path, cells, info, tasks, has_ppl, args):
 
     fig, axes = plt.subplots(1, 2 if has_ppl else 1, figsize=(12 if has_ppl else 7, 4.5), squeeze=False)
     colors = {"attention": "tab:blue", "mlp": "tab:red", "block": "tab:green", "explicit": "tab:purple"}
-    full = cells.get("full")
 
     def series(metric_of):
         pts = {}

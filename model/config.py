@@ -5,11 +5,11 @@ Reads both layouts: real Llama-2/3 configs (top-level ``rope_theta``, ``rope_sca
 Anything we do not implement is a ``UserError`` naming the field.
 """
 
-import json
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.errors import UserError
+from model.errors import UserError, read_json
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM"}
 
@@ -31,6 +31,8 @@ class LlamaConfig:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     torch_dtype: str | None = None
+    # the plan a Nemotron-NAS / LLM-Drop checkpoint's config carries (its dropped sublayers), else None
+    carried_plan: dict | None = dataclasses.field(default=None, compare=False)
 
 
 def _ids(value) -> tuple[int, ...]:
@@ -46,16 +48,13 @@ def load_config(checkpoint_dir) -> LlamaConfig:
         raise UserError(f"{checkpoint_dir}: no such checkpoint directory")
     if not path.is_file():
         raise UserError(f"{path}: missing; a checkpoint directory needs a config.json")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not readable JSON ({e})") from None
+    raw = read_json(path)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a JSON object")
     from model.formats import checkpoint_plan  # Nemotron-NAS / LLM-Drop -> plain Llama config
 
-    raw, _ = checkpoint_plan(checkpoint_dir, raw)
-    return parse_config(raw, str(path))
+    raw, plan = checkpoint_plan(checkpoint_dir, raw)
+    return dataclasses.replace(parse_config(raw, str(path)), carried_plan=plan)
 
 
 def parse_config(raw: dict, where: str = "config.json") -> LlamaConfig:

@@ -15,7 +15,6 @@ returns the config unchanged and ``None`` for an ordinary Llama checkpoint.
   ``drop_mlp_list``, each either layer indices or one boolean per layer.
 """
 
-import json
 from pathlib import Path
 
 from model.errors import UserError
@@ -70,16 +69,6 @@ def checkpoint_plan(checkpoint_dir, raw_config: dict) -> tuple[dict, dict | None
     if "drop_attn_list" in raw_config or "drop_mlp_list" in raw_config:
         return _llm_drop(raw_config, where)
     return raw_config, None
-
-
-def read_checkpoint_plan(checkpoint_dir) -> dict | None:
-    """The plan a checkpoint directory carries (None for a plain Llama checkpoint)."""
-    path = Path(checkpoint_dir) / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not readable JSON ({e})") from None
-    return checkpoint_plan(checkpoint_dir, raw)[1]
 
 
 def _int_field(raw: dict, name: str, where: str) -> int:

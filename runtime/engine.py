@@ -86,9 +86,7 @@ def load(model=None, plan=None, dtype="auto", device="auto", max_seq_len=None, s
 
     checkpoint = resolve_model(model, show_progress=show_progress)
     config = load_config(checkpoint)
-    from model.formats import read_checkpoint_plan
-
-    carried = read_checkpoint_plan(checkpoint)  # Nemotron-NAS no-ops / LLM-Drop lists, or None
+    carried = config.carried_plan  # Nemotron-NAS no-ops / LLM-Drop lists, or None
     if carried is not None:
         if plan is not None:
             raise UserError(f"{checkpoint}: the checkpoint already carries a plan ({carried['name']!r}: its "
@@ -291,7 +289,7 @@ class Engine:
         cache = self._get_cache(B, T0 + max_new_tokens)
         eos = torch.tensor(self.tokenizer.eos_ids or [-1], device=dev)
 
-        t0 = time.perf_counter()
+        t0 = t_step = time.perf_counter()
         out = [[] for _ in range(B)]
         finished = torch.zeros(B, dtype=torch.bool, device=dev)
         prefill_s = decode_s = 0.0

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.errors import UserError
+from model.errors import UserError, read_json
 
 KINDS = ("attention", "mlp", "block")
 _TOP_KEYS = {"version", "name", "description", "source", "rule", "drop"}
@@ -100,10 +100,7 @@ def load_plan(spec, num_layers: int) -> Plan:
     if not path.is_file():
         raise PlanError(f"{spec}: no such plan file, and not a preset name (presets: {', '.join(presets)}; "
                         f"other plans in {PLANS_DIR} also load by name)")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PlanError(f"{path}: not readable JSON ({e})") from None
+    raw = read_json(path, PlanError)
     plan = resolve_plan(raw, num_layers, where=str(path))
     if plan.name == "unnamed":
         plan = Plan(plan.num_layers, plan.drop_attention, plan.drop_mlp, path.stem, plan.spec)
@@ -192,8 +189,6 @@ def _resolve_drop(drop, L: int, where: str):
 
 def write_presets(out_dir=PLANS_DIR):
     """(Re)write the checked-in preset files: ``python -m runtime.plan``."""
-    import json
-
     for name, spec in preset_plans().items():
         (Path(out_dir) / f"{name}.json").write_text(json.dumps(spec, indent=2) + "\n")
 

@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from model.errors import UserError
+from model.errors import UserError, read_json
 from model.formats import (DECILM_ARCH, NEMOTRON_NAS, PLAN_KEY, ffn_mult_to_intermediate_size,
                            intermediate_size_to_ffn_mult)
 
@@ -246,7 +246,6 @@ def export(model, plan, fmt: str, out, force: bool = False, shard_size="2GB", pr
     log = log or sys.stderr
     from model.config import load_config
     from model.default_model import resolve_model
-    from model.formats import read_checkpoint_plan
     from model.weights import CheckpointReader
     from runtime.compile import compile_plan, needed_tensors
     from runtime.plan import load_plan
@@ -264,10 +263,10 @@ def export(model, plan, fmt: str, out, force: bool = False, shard_size="2GB", pr
         raise UserError(f"--out: {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UserError(f"--out: {out} is not empty; pass --force to replace it")
-    if read_checkpoint_plan(src) is not None:
-        raise UserError(f"--model: {src} already carries a plan (a {fmt}-style export?); export from the original checkpoint")
-    raw = json.loads((src / "config.json").read_text())
     config = load_config(src)
+    if config.carried_plan is not None:
+        raise UserError(f"--model: {src} already carries a plan (a {fmt}-style export?); export from the original checkpoint")
+    raw = read_json(src / "config.json")
     resolved = load_plan(plan, config.num_layers)
     schedule = compile_plan(resolved, config)
     shapes = needed_tensors(schedule.steps, config)

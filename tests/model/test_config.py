@@ -1,6 +1,5 @@
 """config.json parsing: both layouts, GQA, Llama-3 rope scaling, and clear errors for what we don't run."""
 
-import json
 
 import pytest
 

@@ -2,7 +2,6 @@
 
 import shutil
 
-import pytest
 from transformers import AutoTokenizer
 
 from model.tokenizer import Tokenizer

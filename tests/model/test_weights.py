@@ -1,7 +1,6 @@
 """Safetensors reading: single file, sharded index, only what is asked, clear errors."""
 
 import json
-import shutil
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """Compiled plans: parity with a Hugging Face model whose same sublayers are skipped, and the proof
 that dropped sublayers' weights are never read and their KV buffers never allocated."""
 
-import json
 import shutil
 import subprocess
 import sys

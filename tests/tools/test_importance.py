@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import runtime
-from model.errors import UserError
 from tools.calib import WIKITEXT2, token_windows
-from tools.importance import choose, importance, parse_drop, similarities
+from tools.importance import choose, importance, similarities
 from tests.models import STORIES, hf_model, plan_parity
 
 
