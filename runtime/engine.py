@@ -148,7 +148,7 @@ class Engine:
 
     @property
     def elem_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def weight_bytes(self) -> int:
@@ -162,10 +162,7 @@ class Engine:
         return self._param_count(full.steps) * self.elem_size
 
     def _param_count(self, steps) -> int:
-        n = 0
-        for shape in needed_tensors(steps, self.config).values():
-            n += torch.Size(shape).numel()
-        return n
+        return sum(torch.Size(shape).numel() for shape in needed_tensors(steps, self.config).values())
 
     def kv_bytes(self, seq_len: int | None = None, batch: int = 1, full: bool = False) -> int:
         """KV-cache bytes for ``batch`` rows of ``seq_len`` positions (default: max_seq_len)."""
@@ -183,7 +180,7 @@ class Engine:
             seq_len = self.max_seq_len
         c = self._cache
         if c is None or c.batch != batch or c.max_seq_len != seq_len:
-            self._cache = None
+            self._cache = None  # free the old cache before allocating the new one
             self._cache = c = self.new_cache(batch, seq_len)
         return c
 
