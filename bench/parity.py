@@ -16,8 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import runtime  # noqa: E402
 from runtime.plan import PlanError  # noqa: E402
-from tests.models import (STORIES, TINY_CONFIGS, hf_model, hf_prefill_decode, make_tiny_llama,  # noqa: E402
-                          ours_prefill_decode, rel_err, skip_sublayers)
+from tests.models import STORIES, TINY_CONFIGS, hf_model, make_tiny_llama, skip_sublayers, step_errors  # noqa: E402
 
 
 def main(argv=None):
@@ -51,11 +50,9 @@ def main(argv=None):
             handles = skip_sublayers(hf, engine.plan)
             prompt = torch.randint(3, engine.config.vocab_size, (1, args.prompt_len),
                                    generator=torch.Generator().manual_seed(0))
-            ref, fed = hf_prefill_decode(hf, prompt, args.steps)
-            ours = ours_prefill_decode(engine, prompt, fed)
-            errs = [rel_err(a, b) for a, b in zip(ours, ref)]
-            agree = sum(int(a.argmax()) == int(b.argmax()) for a, b in zip(ours, ref))
-            print(f"| {label} | {engine.plan.name} | {errs[0]:.2e} | {max(errs[1:]):.2e} | {agree}/{len(ref)} |",
+            errs, hf_greedy, ours_greedy = step_errors(engine, hf, prompt, args.steps)
+            agree = sum(a == b for a, b in zip(ours_greedy, hf_greedy))
+            print(f"| {label} | {engine.plan.name} | {errs[0]:.2e} | {max(errs[1:]):.2e} | {agree}/{len(errs)} |",
                   flush=True)
             for h in handles:
                 h.remove()

@@ -97,6 +97,16 @@ def ours_prefill_decode(engine, prompt: torch.Tensor, fed: list[int]):
     return logits
 
 
+def step_errors(engine, hf, prompt: torch.Tensor, steps: int):
+    """HF's greedy prefill + ``steps`` decode steps, and ours fed the same tokens. Returns
+    (relative logit error per step [prefill, decode...], HF's greedy tokens, our argmax tokens),
+    the token lists being steps + 1 long."""
+    ref, fed = hf_prefill_decode(hf, prompt, steps)
+    ours = ours_prefill_decode(engine, prompt, fed)
+    errs = [rel_err(a, b) for a, b in zip(ours, ref)]
+    return errs, fed + [int(ref[-1].argmax())], [int(o.argmax()) for o in ours]
+
+
 def plan_parity(path, hf, plan_spec, prompt_len=64, steps=32, tol=1e-4):
     """Our engine under a plan vs ``hf`` with the same sublayers zeroed: logits on prefill and every
     decode step within ``tol`` relative error, and greedy tokens identical to HF's greedy decode."""
@@ -106,13 +116,11 @@ def plan_parity(path, hf, plan_spec, prompt_len=64, steps=32, tol=1e-4):
     handles = skip_sublayers(hf, engine.plan)
     try:
         prompt = torch.randint(3, engine.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1))
-        ref, fed = hf_prefill_decode(hf, prompt, steps)
-        ours = ours_prefill_decode(engine, prompt, fed)
-        errs = [rel_err(a, b) for a, b in zip(ours, ref)]
+        errs, hf_greedy, _ = step_errors(engine, hf, prompt, steps)
         assert max(errs) < tol, f"{engine.plan.name}: prefill {errs[0]:.2e}, worst decode {max(errs[1:]):.2e}"
-        # greedy generation from the prompt: the tokens HF's greedy decode chose, and the next one
+        # greedy generation from the prompt gives the tokens HF's greedy decode chose
         ours_tokens = engine.generate(prompt.tolist(), max_new_tokens=steps + 1, stop_at_eos=False).tokens[0]
-        assert ours_tokens == fed + [int(ref[-1].argmax())]
+        assert ours_tokens == hf_greedy
     finally:
         for h in handles:
             h.remove()

@@ -304,9 +304,8 @@ class SublayerLM(TemplateLM):
         e = self.engine
         B, T = tokens.shape
         V = e.config.vocab_size
-        chunk = T if score is None else max(1, min(T, _LOGITS_BUDGET // (4 * B * V)))
-        if score is None:
-            chunk = max(1, min(T, 2048))
+        # filling the cache: chunks of 2048 tokens; scoring: as many positions as the logits budget allows
+        chunk = max(1, min(T, 2048 if score is None else _LOGITS_BUDGET // (4 * B * V)))
         total = torch.zeros(B, dtype=torch.float64)
         greedy = torch.ones(B, dtype=torch.bool)
         for a in range(0, T, chunk):
