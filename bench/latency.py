@@ -1,73 +1,153 @@
-"""Decode latency per token of plans, ours vs Hugging Face eager, with the memory-bandwidth roofline.
+"""Latency per token of plans, ours against Hugging Face, with the memory-bandwidth roofline.
 
-    python bench/latency.py --plans full,attn66,imp-attn10 --context 512 --dtype float32
+    python bench/latency.py --plans full,attn66,imp-attn10 --contexts 32,128,512,2048 --batches 1,8 \\
+        --dtypes float32,bfloat16 --out bench/results/latency/cpu
+    python bench/latency.py --quick --out /tmp/lat           # smoke run (a test runs it on stories260K)
+    python bench/latency.py --shape llama2-7b --dtypes bfloat16 --plans full,attn66   # random weights
 
-For each plan: bytes read per decode step (weights + KV at that context), ideal speedup over ``full``
-(bytes_full / bytes_plan), our decode ms/token (median of --steps steps after warm-up, with the spread),
-achieved bandwidth, and the same for Hugging Face ``LlamaForCausalLM`` (default attention = sdpa,
-DynamicCache, no compile; labelled "HF eager") with the dropped modules' forwards replaced so that
-nothing runs. Prints a table and writes CSV, markdown and a PNG under --out.
+A row is one implementation x plan x dtype x batch x prompt length, measured in a fresh subprocess (so
+its peak memory is its own): prefill of the prompt, then ``--warmup`` + ``--steps`` greedy decode steps,
+each timed alone (``time.perf_counter`` on CPU, CUDA events on GPU). Implementations (``--impls``):
+
+- ``ours``: ``runtime.load`` as users get it: the inductor-compiled decode step on CPU, the decode step
+  captured as a CUDA graph on GPU;
+- ``ours-eager``: ``compile=False``, the eager torch reference (CPU) or plain Triton launches (GPU);
+- ``hf-eager``: Hugging Face ``LlamaForCausalLM`` (default attention = sdpa, DynamicCache, no compile)
+  with the plan's dropped modules replaced by no-ops (nothing of them runs);
+- ``hf-compile``: the same model with a StaticCache and its forward compiled by ``torch.compile``
+  (decode steps; the prefill runs eager).
+
+Bytes read per decode step = loaded weights (except the embedding table, of which one row is read; a
+tied LM head reads it whole) + the KV cache at the prompt length, for every row of the batch. Achieved
+bandwidth = those bytes / median step time, printed next to the machine's copy bandwidth (read + write
+of a large copy, measured in the same run). Ideal speedup of a plan = bytes of ``full`` / bytes of the
+plan; a plan's measured speedup is compared with it as a gain: (t_full / t_plan - 1) / (ideal - 1).
+
+Writes latency.json (every row and the run's metadata), latency.csv, latency.md (tables and checks),
+latency_vs_context.png and speedup_vs_ideal.png under ``--out``.
 """
 
 import argparse
 import csv
+import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-import runtime  # noqa: E402
-from model.errors import UserError  # noqa: E402
+from model.errors import UserError
 
 MiB = 2**20
+IMPLS = ("ours", "ours-eager", "hf-eager", "hf-compile")
+LABELS = {"ours": "sublayer", "ours-eager": "sublayer eager (compile=False)",
+          "hf-eager": "HF eager (sdpa, DynamicCache)", "hf-compile": "HF StaticCache + torch.compile"}
 
 
-def copy_bandwidth(nbytes=256 * MiB, repeats=5) -> float:
+# ---- measuring one row (runs in a subprocess) -----------------------------------------------------
+
+def copy_bandwidth(device, nbytes=256 * MiB, repeats=5) -> float:
     """Machine bandwidth: (bytes read + bytes written) / time of a large copy, best of ``repeats``."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    best = float("inf")
+    timer = Timer(device)
     for _ in range(repeats):
-        t = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * nbytes / best
+        with timer:
+            dst.copy_(src)
+    return 2 * nbytes / min(timer.seconds())
 
 
-def step_bytes(engine, context: int) -> int:
-    """Bytes one decode step reads: every loaded weight except the embedding table (one row is read;
-    a tied LM head still reads it whole) plus the KV cache up to ``context``."""
-    w = engine.weight_bytes
-    if not engine.config.tie_word_embeddings:
-        w -= engine.embed.nbytes
-    return w + engine.kv_bytes(context)
+class Timer:
+    """``with timer:`` times a block: CUDA events on GPU (read after one synchronize at the end, so
+    timing does not serialise the steps), perf_counter on CPU. ``seconds()`` lists every block's time."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self._spans = []
+
+    def __enter__(self):
+        if self.cuda:
+            self._spans.append([torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)])
+            self._spans[-1][0].record()
+        else:
+            self._spans.append([time.perf_counter(), None])
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self._spans[-1][1].record()
+        else:
+            self._spans[-1][1] = time.perf_counter()
+
+    def seconds(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in self._spans]
+        return [b - a for a, b in self._spans]
 
 
-def time_ours(engine, prompt: torch.Tensor, steps: int, warmup: int) -> list[float]:
-    T = prompt.shape[1]
-    cache = engine.new_cache(1, T + warmup + steps)
-    kv_start = torch.zeros(1, dtype=torch.int32)
-    logits = engine.forward(prompt, cache, 0, kv_start, torch.arange(T)[None], last_only=True)
-    times = []
-    for i in range(warmup + steps):
-        tok = logits[:, -1].argmax(-1, keepdim=True)
-        pos = T + i
-        t = time.perf_counter()
-        logits = engine.forward(tok, cache, pos, kv_start, torch.tensor([[pos]]), last_only=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return times
+def plan_bytes(config, plan, elem: int, context: int, batch: int) -> dict:
+    """Weight bytes this plan loads, and bytes one decode step reads at ``context`` (see module doc)."""
+    from runtime.compile import compile_plan, needed_tensors
+    from runtime.kv_cache import kv_bytes
+
+    schedule = compile_plan(plan, config)
+    shapes = needed_tensors(schedule.steps, config)
+    weights = sum(torch.Size(s).numel() for s in shapes.values()) * elem
+    embed = torch.Size(shapes["model.embed_tokens.weight"]).numel() * elem
+    kv = kv_bytes(schedule.num_kv_slots, batch, context, config.num_kv_heads, config.head_dim, elem)
+    return {"weights_MiB": weights / MiB, "kv_MiB": kv / MiB,
+            "step_MiB": (weights - (0 if config.tie_word_embeddings else embed) + kv) / MiB}
 
 
-def hf_skipping(path, plan, dtype):
-    """HF LlamaForCausalLM whose dropped sublayers (and their norms) do not run at all."""
+def load_ours(spec, max_seq_len):
+    import runtime
+    from runtime.engine import load_shape
+
+    compile = spec["impl"] == "ours"
+    if spec["shape"]:
+        return load_shape(spec["shape"], spec["plan"], spec["dtype"], spec["device"], max_seq_len, compile)
+    return runtime.load(spec["model"], spec["plan"], spec["dtype"], spec["device"], max_seq_len,
+                        show_progress=False, compile=compile)
+
+
+def ours_runner(engine, batch):
+    """prefill(ids [B, T]) and step(token [B, 1], pos) -> logits [B, 1, V], on our engine."""
+    cache = engine.new_cache(batch, engine.max_seq_len)
+    kv0 = torch.zeros(batch, dtype=torch.int32, device=engine.device)
+
+    def prefill(ids):
+        T = ids.shape[1]
+        return engine.forward(ids, cache, 0, kv0, torch.arange(T, device=ids.device)[None].expand(batch, T),
+                              last_only=True)
+
+    def step(tok, pos):
+        return engine.forward(tok, cache, pos, kv0, torch.full((batch, 1), pos, device=tok.device))
+
+    return prefill, step
+
+
+def load_hf(spec, config, plan, dtype, device):
+    """HF LlamaForCausalLM of the checkpoint (or of the shape, randomly initialised), dropped modules no-ops."""
+    from transformers import LlamaConfig as HFConfig
     from transformers import LlamaForCausalLM
 
-    hf = LlamaForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    if spec["shape"]:
+        from model.shapes import SHAPES
+
+        with torch.device(device):
+            hf = LlamaForCausalLM(HFConfig(**SHAPES[spec["shape"]], torch_dtype=dtype)).to(dtype)
+    else:
+        from model.default_model import resolve_model
+
+        hf = LlamaForCausalLM.from_pretrained(resolve_model(spec["model"], show_progress=False), dtype=dtype)
+    hf = hf.to(device).eval()
     for i in plan.drop_attention:
         layer = hf.model.layers[i]
         layer.input_layernorm.forward = lambda x: x
@@ -79,147 +159,373 @@ def hf_skipping(path, plan, dtype):
     return hf
 
 
-@torch.inference_mode()
-def time_hf(hf, prompt: torch.Tensor, steps: int, warmup: int):
+def hf_runner(hf, spec, batch, max_seq_len):
     """Explicit position_ids / cache_position: with layer 0's attention dropped HF would otherwise read
-    the sequence length from an empty layer-0 cache. Returns (times, logits of the first decode step)."""
-    from transformers import DynamicCache
+    the sequence length from an empty layer-0 cache (CONVENTIONS)."""
+    from transformers import DynamicCache, StaticCache
 
-    T = prompt.shape[1]
-    cache = DynamicCache(config=hf.config)
-    out = hf(prompt, cache=cache, use_cache=True, position_ids=torch.arange(T)[None],
-             cache_position=torch.arange(T), logits_to_keep=1)
-    times, first = [], None
+    dev = hf.device
+    if spec["impl"] == "hf-compile":
+        cache = StaticCache(config=hf.config, max_cache_len=max_seq_len)
+        decode = torch.compile(hf.forward, fullgraph=True, mode="reduce-overhead" if dev.type == "cuda" else None)
+    else:
+        cache = DynamicCache(config=hf.config)
+        decode = hf.forward
+
+    def prefill(ids):
+        T = ids.shape[1]
+        return hf(ids, cache=cache, use_cache=True, position_ids=torch.arange(T, device=dev)[None].expand(batch, T),
+                  cache_position=torch.arange(T, device=dev), logits_to_keep=1).logits
+
+    def step(tok, pos):
+        return decode(tok, cache=cache, use_cache=True, position_ids=torch.full((batch, 1), pos, device=dev),
+                      cache_position=torch.tensor([pos], device=dev), logits_to_keep=1).logits
+
+    return prefill, step
+
+
+@torch.inference_mode()
+def measure(spec) -> dict:
+    """One row: build, prefill once (after a short warm-up prefill), then warm-up + timed decode steps."""
+    from runtime.plan import load_plan
+
+    torch.set_num_threads(spec["threads"]) if spec["threads"] else None
+    B, T, steps, warmup = spec["batch"], spec["context"], spec["steps"], spec["warmup"]
+    max_seq_len = T + warmup + steps
+    t0 = time.perf_counter()
+    if spec["impl"].startswith("ours"):
+        engine = load_ours(spec, max_seq_len)
+        config, plan, dtype, device = engine.config, engine.plan, engine.dtype, engine.device
+        prefill, step = ours_runner(engine, B)
+    else:
+        from runtime.engine import resolve_device, resolve_dtype
+
+        if spec["shape"]:
+            from model.shapes import shape_config
+
+            config = shape_config(spec["shape"])
+        else:
+            from model.config import load_config
+            from model.default_model import resolve_model
+
+            config = load_config(resolve_model(spec["model"], show_progress=False))
+        plan = load_plan(spec["plan"], config.num_layers)
+        device = resolve_device(spec["device"])
+        dtype = resolve_dtype(spec["dtype"], device)
+        hf = load_hf(spec, config, plan, dtype, device)
+        prefill, step = hf_runner(hf, spec, B, max_seq_len)
+    load_s = time.perf_counter() - t0
+    timer = Timer(device)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, config.vocab_size, (B, T), generator=gen).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with timer:  # prefill
+        logits = prefill(prompt)
+    first = None
+    t_first = time.perf_counter()
     for i in range(warmup + steps):
-        tok = out.logits[:, -1].argmax(-1, keepdim=True)
-        pos = T + i
-        t = time.perf_counter()
-        out = hf(tok, cache=cache, use_cache=True, position_ids=torch.tensor([[pos]]),
-                 cache_position=torch.tensor([pos]), logits_to_keep=1)
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-        if first is None:
-            first = out.logits[0, -1].float()
-    return times, first
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        with timer:
+            logits = step(tok, T + i)
+        if i == 0:
+            first, first_s = logits[:, -1].float().cpu(), time.perf_counter() - t_first
+    times = timer.seconds()
+    decode = sorted(times[1 + warmup:])
+    med = statistics.median(decode)
+    row = {**{k: spec[k] for k in ("impl", "dtype", "batch", "context")}, "plan": plan.name,
+           "device": device.type, "steps": steps,
+           "attn_dropped": len(plan.drop_attention), "mlp_dropped": len(plan.drop_mlp),
+           **plan_bytes(config, plan, dtype.itemsize, T, B),
+           "load_s": load_s, "first_step_s": first_s,  # first decode step: compile / capture / warm-up
+           "prefill_ms": times[0] * 1e3, "prefill_tok_s": B * T / times[0],
+           "decode_ms": med * 1e3, "decode_p10_ms": _quantile(decode, 0.1) * 1e3,
+           "decode_p90_ms": _quantile(decode, 0.9) * 1e3, "tok_s": B / med}
+    row["GBps"] = row["step_MiB"] * MiB / med / 1e9
+    if device.type == "cuda":
+        row["peak_MiB"] = torch.cuda.max_memory_allocated() / MiB
+    else:  # this process's peak resident memory (VmHWM starts afresh at exec; ru_maxrss keeps the parent's)
+        hwm = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmHWM:"))
+        row["peak_MiB"] = int(hwm.split()[1]) / 1024
+    if spec.get("logits_out"):
+        from safetensors.torch import save_file
+
+        save_file({"logits": first.contiguous()}, spec["logits_out"])
+    return row
+
+
+def _quantile(sorted_values, q):
+    i = q * (len(sorted_values) - 1)
+    lo = int(i)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (i - lo)
+
+
+# ---- the sweep (parent process) -------------------------------------------------------------------
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="checkpoint directory or known name (default: the default model)")
+    p.add_argument("--shape", default=None, help="random weights of a named shape: llama2-7b, llama2-13b, llama3-8b")
+    p.add_argument("--plans", default="full,attn66,imp-attn10")
+    p.add_argument("--contexts", default="32,128,512,2048", help="prompt lengths before timing decode")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--impls", default="ours,hf-eager,hf-compile", help=f"any of {', '.join(IMPLS)}")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int, default=32, help="timed decode steps per row")
+    p.add_argument("--warmup", type=int, default=4, help="decode steps before timing")
+    p.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run; defaults become plans full,attn66, a 16-token prompt, batch 1, float32, "
+                        "4 steps, impls ours,ours-eager,hf-eager")
+    p.add_argument("--out", default="bench/results/latency")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    if p.parse_args(argv).quick:  # quick changes the defaults; flags given explicitly still win
+        p.set_defaults(plans="full,attn66", contexts="16", batches="1", dtypes="float32", steps=4, warmup=1,
+                       impls="ours,ours-eager,hf-eager")
+    return p.parse_args(argv)
+
+
+def int_list(value: str, flag: str) -> list[int]:
+    try:
+        out = [int(v) for v in value.split(",") if v]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise UserError(f"{flag}: expected comma-separated positive integers, got {value!r}")
+    return out
+
+
+def specs_of(args) -> list[dict]:
+    from model.shapes import SHAPES
+    from runtime.engine import DTYPES
+
+    if args.shape and args.shape not in SHAPES:
+        raise UserError(f"--shape: expected one of {', '.join(SHAPES)}; got {args.shape!r}")
+    if args.shape and args.model:
+        raise UserError("--shape and --model exclude each other (--shape uses random weights)")
+    impls = [s for s in args.impls.split(",") if s]
+    if not impls or set(impls) - set(IMPLS):
+        raise UserError(f"--impls: expected a comma-separated subset of {', '.join(IMPLS)}; got {args.impls!r}")
+    dtypes = [s for s in args.dtypes.split(",") if s]
+    if not dtypes or set(dtypes) - set(DTYPES):
+        raise UserError(f"--dtypes: expected a comma-separated subset of {', '.join(DTYPES)}; got {args.dtypes!r}")
+    if args.steps < 2 or args.warmup < 0:
+        raise UserError("--steps must be >= 2 and --warmup >= 0")
+    plans = [s for s in args.plans.split(",") if s]
+    # Resolve every plan up front, so that a bad one fails before an hour of measuring.
+    from runtime.plan import load_plan
+
+    if args.shape:
+        from model.shapes import shape_config
+
+        layers = shape_config(args.shape).num_layers
+    else:
+        from model.config import load_config
+        from model.default_model import resolve_model
+
+        layers = load_config(resolve_model(args.model, show_progress=False)).num_layers
+    for name in plans:
+        load_plan(name, layers)
+    return [{"impl": impl, "plan": plan, "dtype": dtype, "batch": b, "context": t, "model": args.model,
+             "shape": args.shape, "device": args.device, "steps": args.steps, "warmup": args.warmup,
+             "threads": args.threads}
+            for dtype in dtypes for b in int_list(args.batches, "--batches")
+            for t in int_list(args.contexts, "--contexts") for plan in plans for impl in impls]
+
+
+def run_worker(spec) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, check=False,
+                       env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if r.returncode != 0 or not lines:
+        tail = " | ".join(r.stderr.strip().splitlines()[-3:])
+        return {**{k: spec[k] for k in ("impl", "plan", "dtype", "batch", "context")}, "error": tail[-400:]}
+    return json.loads(lines[-1])
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None)
-    p.add_argument("--plans", default="full,attn90,attn75,attn66,mlp90,mlp75,mlp66,block90,block75,block66")
-    p.add_argument("--context", type=int, default=512, help="prompt tokens before timing decode")
-    p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--kv-at", type=int, default=2048, help="also report KV bytes at this many positions")
-    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face rows")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default="bench/results/latency")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure(json.loads(args.worker))))
+        return 0
     try:
-        if args.context < 1 or args.steps < 1 or args.warmup < 0:
-            raise UserError("--context and --steps must be positive, --warmup >= 0")
-        plans = [s for s in args.plans.split(",") if s]
-        bw = copy_bandwidth()
-        print(f"machine: copy bandwidth {bw / 1e9:.1f} GB/s (read + write), torch threads {torch.get_num_threads()}",
-              file=sys.stderr)
-        rows = []
-        for name in plans:
-            engine = runtime.load(args.model, plan=name, dtype=args.dtype, device="cpu")
-            prompt = torch.randint(3, engine.config.vocab_size, (1, args.context),
-                                   generator=torch.Generator().manual_seed(0))
-            ours = time_ours(engine, prompt, args.steps, args.warmup)
-            row = {"plan": engine.plan.name, "dtype": args.dtype, "context": args.context,
-                   "attn_dropped": len(engine.plan.drop_attention), "mlp_dropped": len(engine.plan.drop_mlp),
-                   "weights_MiB": engine.weight_bytes / MiB, "kv_MiB_at_ctx": engine.kv_bytes(args.context) / MiB,
-                   f"kv_MiB_at_{args.kv_at}": engine.kv_bytes(args.kv_at) / MiB,
-                   "step_MiB": step_bytes(engine, args.context) / MiB,
-                   "ours_ms": statistics.median(ours) * 1e3,
-                   "ours_spread_ms": (max(ours) - min(ours)) * 1e3}
-            row["ours_GBps"] = step_bytes(engine, args.context) / (row["ours_ms"] / 1e3) / 1e9
-            if not args.no_hf:
-                hf = hf_skipping(engine.checkpoint_dir, engine.plan, engine.dtype)
-                hf_times, hf_first = time_hf(hf, prompt, args.steps, args.warmup)
-                cache = engine.new_cache(1, args.context + 1)
-                kv0 = torch.zeros(1, dtype=torch.int32)
-                lg = engine.forward(prompt, cache, 0, kv0, torch.arange(args.context)[None], last_only=True)
-                tok = lg[:, -1].argmax(-1, keepdim=True)
-                mine = engine.forward(tok, cache, args.context, kv0, torch.tensor([[args.context]]))[0, -1].float()
-                row["hf_ms"] = statistics.median(hf_times) * 1e3
-                row["hf_spread_ms"] = (max(hf_times) - min(hf_times)) * 1e3
-                row["hf_rel_err"] = float((mine - hf_first).norm() / hf_first.norm())
-                del hf
-            rows.append(row)
-            print(fmt_row(row), file=sys.stderr)
-            del engine
+        specs = specs_of(args)
+        from runtime.engine import resolve_device
+
+        device = resolve_device(args.device)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    full = next((r for r in rows if r["plan"] == "full"), None)
-    if full:
-        for r in rows:
-            r["ideal_speedup"] = full["step_MiB"] / r["step_MiB"]
-            r["ours_speedup"] = full["ours_ms"] / r["ours_ms"]
-            if "hf_ms" in r:
-                r["hf_speedup"] = full["hf_ms"] / r["hf_ms"]
-    write(rows, Path(args.out), args, bw)
+    from tqdm import tqdm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bw = copy_bandwidth(device)
+    meta = {"command": "python bench/latency.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores",
+            "torch_threads": args.threads or torch.get_num_threads(), "torch": torch.__version__,
+            "copy_GBps": bw / 1e9, "model": args.shape and f"random weights, shape {args.shape}" or (args.model or "smollm2-135m-instruct"),
+            "steps": args.steps, "warmup": args.warmup, "date": time.strftime("%Y-%m-%d %H:%M")}
+    print(f"machine: {meta['device']}, copy bandwidth {bw / 1e9:.1f} GB/s (read + write)", file=sys.stderr)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        bar = tqdm(specs, desc="latency", unit="row", file=sys.stderr)
+        for i, spec in enumerate(bar):
+            bar.set_postfix_str(f"{spec['impl']} {spec['plan']} {spec['dtype']} b{spec['batch']} t{spec['context']}")
+            row = run_worker({**spec, "logits_out": f"{tmp}/{i}.safetensors"})
+            row["logits_file"] = f"{tmp}/{i}.safetensors"
+            rows.append(row)
+            bar.write(fmt_row(row), file=sys.stderr)
+        add_comparisons(rows)
+    for r in rows:
+        r.pop("logits_file", None)
+    write(rows, meta, Path(args.out))
     return 0
 
 
+def _key(r, **change):
+    r = {**r, **change}
+    return (r["impl"], r["plan"], r["dtype"], r["batch"], r["context"])
+
+
+def add_comparisons(rows):
+    """ideal and measured speedup over ``full`` (same impl, dtype, batch, context), ours vs each peer
+    (time ratio), and each peer's relative logit error against ours on the first decode step."""
+    from safetensors.torch import load_file
+
+    by = {_key(r): r for r in rows if "error" not in r}
+    for r in by.values():
+        full = by.get(_key(r, plan="full"))
+        if full:
+            r["ideal_speedup"] = full["step_MiB"] / r["step_MiB"]
+            r["speedup"] = full["decode_ms"] / r["decode_ms"]
+            if r["ideal_speedup"] > 1:
+                r["gain_vs_ideal"] = (r["speedup"] - 1) / (r["ideal_speedup"] - 1)
+        ours = by.get(_key(r, impl="ours"))
+        if ours and r is not ours:
+            r["ours_time_ratio"] = ours["decode_ms"] / r["decode_ms"]
+            a, b = load_file(ours["logits_file"])["logits"].double(), load_file(r["logits_file"])["logits"].double()
+            r["rel_err_vs_ours"] = float((a - b).norm() / a.norm())
+
+
 def fmt_row(r) -> str:
-    s = (f"{r['plan']:>16}: weights {r['weights_MiB']:7.1f} MiB, KV {r['kv_MiB_at_ctx']:5.1f} MiB, "
-         f"ours {r['ours_ms']:6.2f} ms/token (spread {r['ours_spread_ms']:.2f}, {r['ours_GBps']:.1f} GB/s)")
-    if "hf_ms" in r:
-        s += f", HF eager {r['hf_ms']:6.2f} ms/token (rel err of logits vs ours {r['hf_rel_err']:.1e})"
-    return s
+    head = f"{r['impl']:>10} {r['plan']:>12} {r['dtype']:>8} b{r['batch']:<2} t{r['context']:<5}"
+    if "error" in r:
+        return f"{head} failed: {r['error']}"
+    return (f"{head} prefill {r['prefill_ms']:8.1f} ms, decode {r['decode_ms']:7.2f} ms/token "
+            f"(p10 {r['decode_p10_ms']:.2f}, p90 {r['decode_p90_ms']:.2f}), {r['tok_s']:7.1f} tok/s, "
+            f"{r['GBps']:5.1f} GB/s, peak {r['peak_MiB']:.0f} MiB")
 
 
-def write(rows, out: Path, args, bw):
+COLUMNS = [("plan", "plan", "{}"), ("impl", "impl", "{}"), ("batch", "batch", "{}"), ("context", "context", "{}"),
+           ("prefill_ms", "prefill ms", "{:.1f}"), ("decode_ms", "decode ms/token", "{:.2f}"),
+           ("decode_p10_ms", "p10", "{:.2f}"), ("decode_p90_ms", "p90", "{:.2f}"), ("tok_s", "tokens/s", "{:.1f}"),
+           ("weights_MiB", "weights MiB", "{:.1f}"), ("kv_MiB", "KV MiB", "{:.1f}"), ("GBps", "GB/s", "{:.1f}"),
+           ("peak_MiB", "peak MiB", "{:.0f}"), ("ideal_speedup", "ideal", "{:.3f}"), ("speedup", "speedup", "{:.3f}"),
+           ("ours_time_ratio", "ours/this", "{:.2f}"), ("rel_err_vs_ours", "logit err vs ours", "{:.1e}")]
+
+
+def checks(rows) -> list[str]:
+    """The issue's targets, read off this run's rows (batch 1)."""
+    out = []
+    for r in rows:
+        if "error" in r or r["batch"] != 1 or r["impl"] == "ours":
+            continue
+        if r["plan"] == "full" and r["impl"].startswith("hf") and "ours_time_ratio" in r:
+            out.append(f"- {r['dtype']}, context {r['context']}: ours full / {LABELS[r['impl']]} full = "
+                       f"{r['ours_time_ratio']:.2f}")
+    for r in rows:
+        if "error" not in r and r["batch"] == 1 and r["impl"] == "ours" and "gain_vs_ideal" in r:
+            out.append(f"- {r['dtype']}, context {r['context']}: {r['plan']} speedup {r['speedup']:.3f} vs ideal "
+                       f"{r['ideal_speedup']:.3f}: {100 * r['gain_vs_ideal']:.0f}% of the ideal gain")
+    return out
+
+
+def write(rows, meta, out: Path):
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"latency_{args.dtype}_ctx{args.context}"
+    (out / "latency.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(f"{stem}.csv", "w", newline="") as f:
+    with open(out / "latency.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    cols = ["plan", "weights_MiB", f"kv_MiB_at_{args.kv_at}", "step_MiB", "ideal_speedup", "ours_ms",
-            "ours_speedup", "ours_GBps", "hf_ms", "hf_speedup"]
-    cols = [c for c in cols if c in keys]
-    lines = [f"Command: `python bench/latency.py {' '.join(sys.argv[1:])}`  ",
-             f"CPU, {torch.get_num_threads()} threads, dtype {args.dtype}, decode after a {args.context}-token "
-             f"prompt, median of {args.steps} steps; copy bandwidth {bw / 1e9:.1f} GB/s. HF eager = "
-             f"LlamaForCausalLM (sdpa, DynamicCache, no compile) with dropped modules not run.", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, ""))
-                                      for c in cols) + " |")
-    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+    lines = [f"Command: `{meta['command']}`  ", f"{meta['device']}, torch {meta['torch']} "
+             f"({meta['torch_threads']} threads), {meta['model']}, {meta['date']}; copy bandwidth "
+             f"{meta['copy_GBps']:.1f} GB/s (read + write). Decode: median (p10, p90) of {meta['steps']} steps after "
+             f"{meta['warmup']} warm-up steps; GB/s = bytes read per step / median. Implementations: "
+             + "; ".join(f"{k} = {v}" for k, v in LABELS.items()) + ". Dropped modules do not run in the HF rows.",
+             "", "Checks (batch 1):", *checks(rows)]
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        lines += ["", f"### {dtype}", "", "| " + " | ".join(c[1] for c in COLUMNS) + " |",
+                  "|" + "---|" * len(COLUMNS)]
+        for r in rows:
+            if r["dtype"] == dtype:
+                cells = [fmt.format(r[k]) if k in r else ("failed" if k == "decode_ms" and "error" in r else "")
+                         for k, _, fmt in COLUMNS]
+                lines.append("| " + " | ".join(cells) + " |")
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        lines += ["", "Failed rows:"] + [f"- {r['impl']} {r['plan']} {r['dtype']} b{r['batch']} t{r['context']}: "
+                                         f"{r['error']}" for r in failed]
+    (out / "latency.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    try:
-        import matplotlib
+    plot(rows, meta, out)
+    print(f"wrote {out}/latency.json, .csv, .md, latency_vs_context.png, speedup_vs_ideal.png", file=sys.stderr)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install -e '.[bench]')", file=sys.stderr)
-        return
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    x = range(len(rows))
-    ax.bar([i - 0.2 for i in x], [r["ours_ms"] for r in rows], 0.4, label="sublayer")
-    if all("hf_ms" in r for r in rows):
-        ax.bar([i + 0.2 for i in x], [r["hf_ms"] for r in rows], 0.4, label="HF eager (dropped modules skipped)")
-    if "ideal_speedup" in rows[0]:
-        ax.plot(list(x), [rows[0]["ours_ms"] / r["ideal_speedup"] for r in rows], "k_", markersize=20,
-                label="bandwidth-ideal (ours, full / ideal speedup)")
-    ax.set_xticks(list(x), [r["plan"] for r in rows], rotation=30, ha="right")
-    ax.set_ylabel("decode ms / token")
-    ax.set_title(f"Decode latency, batch 1, CPU, {args.dtype}, {args.context}-token context")
-    ax.legend()
+
+def plot(rows, meta, out: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r]
+    panels = sorted({(r["dtype"], r["batch"]) for r in ok})
+    plans = list(dict.fromkeys(r["plan"] for r in ok))
+    colors = {p: f"C{i}" for i, p in enumerate(plans)}
+    styles = {"ours": "-", "ours-eager": "-.", "hf-eager": "--", "hf-compile": ":"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    for ax, (dtype, batch) in zip(axes[0], panels):
+        for impl in IMPLS:
+            for plan in plans:
+                pts = sorted((r["context"], r["decode_ms"]) for r in ok
+                             if (r["impl"], r["plan"], r["dtype"], r["batch"]) == (impl, plan, dtype, batch))
+                if pts:
+                    ax.plot(*zip(*pts), styles[impl], marker="o", ms=3, color=colors[plan], label=f"{plan}, {impl}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("prompt length (tokens of context)")
+        ax.set_ylabel("decode ms / token")
+        ax.set_title(f"{dtype}, batch {batch}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"Decode latency vs context: {meta['model']}, {meta['device']}")
     fig.tight_layout()
-    fig.savefig(f"{stem}.png", dpi=120)
-    print(f"wrote {stem}.csv, .md, .png", file=sys.stderr)
+    fig.savefig(out / "latency_vs_context.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    pts = [r for r in ok if r["impl"] == "ours" and r["plan"] != "full" and "ideal_speedup" in r]
+    for r in pts:
+        ax.scatter(r["ideal_speedup"], r["speedup"], color=colors[r["plan"]],
+                   marker="o" if r["dtype"] == "float32" else "s", s=12 + 4 * r["batch"])
+    if pts:
+        hi = max(max(r["ideal_speedup"], r["speedup"]) for r in pts) * 1.05
+        ax.plot([1, hi], [1, hi], "k-", lw=0.8, label="ideal (bytes)")
+        ax.plot([1, hi], [1, 1 + 0.9 * (hi - 1)], "k:", lw=0.8, label="90% of the ideal gain")
+    for plan in plans[1:]:
+        ax.scatter([], [], color=colors[plan], label=plan)
+    ax.scatter([], [], color="gray", marker="o", label="float32")
+    ax.scatter([], [], color="gray", marker="s", label="bfloat16 (size: batch)")
+    ax.set_xlabel("ideal speedup over full (bytes read per step)")
+    ax.set_ylabel("measured speedup over full (sublayer)")
+    ax.set_title("Speedup vs ideal, every context and batch")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "speedup_vs_ideal.png", dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

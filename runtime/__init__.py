@@ -6,11 +6,11 @@
 """
 
 
-def load(model=None, plan=None, dtype="auto", device="auto", max_seq_len=None, show_progress=True):
+def load(model=None, plan=None, dtype="auto", device="auto", max_seq_len=None, show_progress=True, compile=True):
     """Build an ``Engine``; see ``runtime.engine.load``. (Imported lazily so ``python -m runtime.x`` is clean.)"""
     from runtime.engine import load as _load
 
-    return _load(model, plan, dtype, device, max_seq_len, show_progress)
+    return _load(model, plan, dtype, device, max_seq_len, show_progress, compile)
 
 
 def __getattr__(name):

@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels.dispatch import use_triton
 from model.config import LlamaConfig, load_config
 from model.errors import UserError
 from model.tokenizer import Tokenizer
 from model.weights import CheckpointReader
+from runtime import cpu_decode
 from runtime.compile import AttentionStep, Schedule, compile_plan, needed_tensors
 from runtime.kv_cache import KVCache, kv_bytes
 from runtime.plan import Plan, load_plan
@@ -76,11 +78,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def load(model=None, plan=None, dtype="auto", device="auto", max_seq_len=None, show_progress=True) -> "Engine":
+def load(model=None, plan=None, dtype="auto", device="auto", max_seq_len=None, show_progress=True,
+         compile=True) -> "Engine":
     """Build an Engine for checkpoint directory or known model name ``model`` (None: the default model).
 
     plan: None (full), a preset name, a plan JSON path, a plan dict or a resolved Plan.
     max_seq_len: size of the static KV cache; None sizes it per call (prompt + new tokens).
+    compile: on CPU, run decode steps through the inductor-compiled step (``runtime/cpu_decode.py``);
+    False keeps everything on the eager torch reference.
     """
     from model.default_model import resolve_model
 
@@ -97,16 +102,35 @@ def load(model=None, plan=None, dtype="auto", device="auto", max_seq_len=None, s
     dt = resolve_dtype(dtype, dev)
     if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
         raise UserError(f"--max-seq-len: expected a positive integer, got {max_seq_len!r}")
-    return Engine(checkpoint, config, compile_plan(resolved, config), dt, dev, max_seq_len)
+    return Engine(checkpoint, config, compile_plan(resolved, config), dt, dev, max_seq_len, compile)
+
+
+def load_shape(shape: str, plan=None, dtype="auto", device="auto", max_seq_len=None, compile=True,
+               seed: int = 0) -> "Engine":
+    """An Engine of a named shape (``model.shapes.SHAPES``) with random weights, for latency only."""
+    from model.shapes import SHAPES, RandomWeights, shape_config
+
+    if shape not in SHAPES:
+        raise UserError(f"--shape: expected one of {', '.join(SHAPES)}; got {shape!r}")
+    config = shape_config(shape)
+    dev = resolve_device(device)
+    return Engine(None, config, compile_plan(load_plan(plan, config.num_layers), config), resolve_dtype(dtype, dev),
+                  dev, max_seq_len, compile, reader=RandomWeights(seed))
 
 
 class Engine:
     def __init__(self, checkpoint_dir, config: LlamaConfig, schedule: Schedule, dtype: torch.dtype,
-                 device: torch.device, max_seq_len: int | None = None):
+                 device: torch.device, max_seq_len: int | None = None, compile: bool = True, reader=None):
         self.checkpoint_dir, self.config, self.schedule = checkpoint_dir, config, schedule
         self.dtype, self.device, self.max_seq_len = dtype, device, max_seq_len
-        self.tokenizer = Tokenizer(checkpoint_dir, config.bos_token_id, config.eos_token_ids)
-        self.reader = CheckpointReader(checkpoint_dir)
+        # Decode steps (T = 1): inductor-compiled on CPU, replayed as a CUDA graph on GPU. The
+        # Triton-on-CPU test path (SUBLAYER_TRITON=1) must reach the kernels, so it stays eager.
+        self.compiled_decode = compile and device.type == "cpu" and not use_triton(torch.empty(0))
+        self.graph_decode = compile and device.type == "cuda"
+        self._graph: DecodeGraph | None = None
+        # reader: a CheckpointReader, or model.shapes.RandomWeights (no checkpoint, no tokenizer)
+        self.tokenizer = Tokenizer(checkpoint_dir, config.bos_token_id, config.eos_token_ids) if checkpoint_dir else None
+        self.reader = reader or CheckpointReader(checkpoint_dir)
         self._load_weights()
         cos, sin = kernels.rope_tables(kernels.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling),
                                        config.max_position_embeddings, device)
@@ -194,10 +218,21 @@ class Engine:
         leaving every schedule step (x_out = x_in + sublayer(norm(x_in))): the importance tools use it."""
         c = self.config
         B, T = tokens.shape
+        if T == 1 and observer is None and self.compiled_decode:
+            return self._decode_compiled(tokens, cache, cache_start, kv_start, positions)
+        if T == 1 and observer is None and self.graph_decode and not isinstance(cache_start, torch.Tensor):
+            g = self._graph
+            if g is None or g.cache is not cache or g.batch != B:
+                self._graph = None  # release the old graph's memory pool first
+                self._graph = g = DecodeGraph(self, cache, B)
+            return g(tokens, cache_start, kv_start, positions)
         eps = c.rms_norm_eps
         x = F.embedding(tokens, self.embed)
         pending = None  # last sublayer's output, added to the residual stream by the next add+norm
-        kv_end = torch.full((B,), cache_start + T, dtype=torch.int32, device=tokens.device)
+        if isinstance(cache_start, torch.Tensor):  # [1] int64 on the device (CUDA graph capture)
+            kv_end = (cache_start + T).to(torch.int32).expand(B).contiguous()
+        else:
+            kv_end = torch.full((B,), cache_start + T, dtype=torch.int32, device=tokens.device)
         q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         for step, w in zip(self.schedule.steps, self.layers):
             x, h = kernels.add_rmsnorm(pending, x, w.norm, eps)
@@ -221,6 +256,29 @@ class Engine:
             x, pending = x[:, -1:], None if pending is None else pending[:, -1:]
         _, h = kernels.add_rmsnorm(pending, x, self.final_norm, eps)
         return F.linear(h, self.lm_head)
+
+    def _decode_compiled(self, tokens, cache: KVCache, cache_start: int, kv_start, positions):
+        """One new token per row through the compiled CPU step (see ``runtime/cpu_decode.py``)."""
+        c = self.config
+        x = F.embedding(tokens, self.embed)
+        cos = self.cos[positions].to(x.dtype)[:, :, None, :]
+        sin = self.sin[positions].to(x.dtype)[:, :, None, :]
+        keys = torch.arange(cache.max_seq_len, device=x.device)[None]
+        mask = (keys >= kv_start[:, None]) & (keys <= cache_start)
+        index = torch.tensor([cache_start], device=x.device)
+        attention, mlp = cpu_decode.compiled(cpu_decode.attention_step), cpu_decode.compiled(cpu_decode.mlp_step)
+        torch._dynamo.maybe_mark_dynamic(mask, 1)  # one compiled step for every cache length
+        pending = torch.zeros_like(x)  # x + 0 == x: the first step compiles like every other
+        for step, w in zip(self.schedule.steps, self.layers):
+            if isinstance(step, AttentionStep):
+                kc, vc = cache.k[step.slot], cache.v[step.slot]
+                torch._dynamo.maybe_mark_dynamic(kc, 2)
+                torch._dynamo.maybe_mark_dynamic(vc, 2)
+                x, pending = attention(pending, x, w.norm, w.qkv, w.o, kc, vc, cos, sin, index, mask,
+                                       c.num_heads, c.num_kv_heads, c.rms_norm_eps, self.scale)
+            else:
+                x, pending = mlp(pending, x, w.norm, w.gate_up, w.down, c.rms_norm_eps)
+        return cpu_decode.compiled(cpu_decode.head_step)(pending, x, self.final_norm, self.lm_head, c.rms_norm_eps)
 
     def check_length(self, n: int, what: str):
         """UserError if ``n`` positions do not fit the context (``max_seq_len`` or the model's)."""
@@ -322,6 +380,44 @@ class Engine:
         if stop_sequences:
             texts = [t[:i] if (i := _stop_at(t, stop_sequences)) >= 0 else t for t in texts]
         return Generation(out, texts, B * T0, prefill_s, decode_s, steps, finished.tolist())
+
+
+class DecodeGraph:
+    """The decode step (one token per row, over one KV cache) captured as a CUDA graph (gpt-fast's
+    ``decode_one_token``): a call copies the token, positions, kv_start and cache index into static
+    device buffers and replays every kernel launch of the step at once. The kernels read the cache
+    index and the valid key range from device memory, so one capture serves every position."""
+
+    def __init__(self, engine: Engine, cache: KVCache, batch: int):
+        dev = engine.device
+        self.cache, self.batch = cache, batch
+        self.tokens = torch.zeros((batch, 1), dtype=torch.long, device=dev)
+        self.positions = torch.zeros((batch, 1), dtype=torch.long, device=dev)
+        self.kv_start = torch.zeros(batch, dtype=torch.int32, device=dev)
+        self.index = torch.zeros(1, dtype=torch.long, device=dev)
+        self.engine, self.graph, self.logits = engine, None, None
+
+    def _step(self):
+        return self.engine.forward(self.tokens, self.cache, self.index, self.kv_start, self.positions)
+
+    def __call__(self, tokens, cache_start: int, kv_start, positions):
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        self.kv_start.copy_(kv_start)
+        self.index.fill_(cache_start)
+        if self.graph is None:
+            # Warm-up on a side stream (Triton JIT, allocator), then capture. Both run with the real
+            # inputs, so the K/V they write at cache_start are the values this step writes anyway.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._step()
+        self.graph.replay()
+        return self.logits.clone()  # the static output buffer is overwritten by the next replay
 
 
 def _stop_at(text: str, stops: list[str]) -> int:

@@ -1,24 +1,59 @@
 """The latency benchmark runs end to end on a tiny model (a smoke test: it checks output, not speed)."""
 
-import csv
+import json
 import subprocess
 import sys
 
 from tests.models import STORIES
 
 
-def test_latency_script_runs_and_agrees_with_hf(tmp_path):
+def run(*args):
+    return subprocess.run([sys.executable, "bench/latency.py", *args], capture_output=True, text=True, check=False)
+
+
+def test_quick_run_writes_every_output_and_agrees_with_hf(tmp_path):
     layer0 = tmp_path / "layer0.json"  # HF must be given positions explicitly when layer 0 has no cache
     layer0.write_text('{"version": 1, "name": "layer0", "drop": {"attention": [0, 2]}}')
-    r = subprocess.run([sys.executable, "bench/latency.py", "--model", str(STORIES), "--plans",
-                        f"full,attn66,plans/block90.json,{layer0}", "--context", "16", "--steps", "3", "--warmup", "1",
-                        "--out", str(tmp_path)], capture_output=True, text=True)
+    r = run("--quick", "--model", str(STORIES), "--plans", f"full,{layer0}", "--out", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
-    rows = list(csv.DictReader(open(tmp_path / "latency_float32_ctx16.csv")))
-    assert [row["plan"] for row in rows] == ["full", "attn66", "block90", "layer0"]
-    for row in rows:
-        assert float(row["ours_ms"]) > 0 and float(row["hf_ms"]) > 0
-        # the HF row with dropped modules not run computes the same model as ours
-        assert float(row["hf_rel_err"]) < 1e-4
-    assert float(rows[1]["ideal_speedup"]) > 1.0
-    assert (tmp_path / "latency_float32_ctx16.png").exists()
+    out = json.loads((tmp_path / "out" / "latency.json").read_text())
+    rows = out["rows"]
+    assert [(x["plan"], x["impl"]) for x in rows] == [(p, i) for p in ("full", "layer0")
+                                                      for i in ("ours", "ours-eager", "hf-eager")]
+    assert out["meta"]["copy_GBps"] > 0
+    for x in rows:
+        assert "error" not in x, x
+        assert 0 < x["decode_p10_ms"] <= x["decode_ms"] <= x["decode_p90_ms"]
+        assert x["prefill_ms"] > 0 and x["tok_s"] > 0 and x["peak_MiB"] > 0 and x["GBps"] > 0
+        if x["impl"] != "ours":  # eager reference and HF (dropped modules not run) compute our model
+            assert x["rel_err_vs_ours"] < 1e-4
+    layer0_row = rows[3]
+    assert layer0_row["attn_dropped"] == 2 and layer0_row["ideal_speedup"] > 1
+    assert layer0_row["weights_MiB"] < rows[0]["weights_MiB"] and layer0_row["kv_MiB"] < rows[0]["kv_MiB"]
+    for name in ("latency.csv", "latency.md", "latency_vs_context.png", "speedup_vs_ideal.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    assert "Checks (batch 1)" in (tmp_path / "out" / "latency.md").read_text()
+
+
+def test_bad_values_are_clear_errors(tmp_path):
+    for args, field in [(["--impls", "ours,vllm"], "--impls"), (["--contexts", "0"], "--contexts"),
+                        (["--shape", "llama9"], "--shape"), (["--dtypes", "fp8"], "--dtypes"),
+                        (["--plans", "nonsense"], "nonsense")]:
+        r = run("--model", str(STORIES), "--plans", "full", *args, "--out", str(tmp_path))
+        assert r.returncode == 2 and field in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_shape_mode_uses_random_weights_of_the_named_shape():
+    """The named shapes are the published configs, and their random weights are never zero."""
+    import torch
+
+    from model.shapes import RandomWeights, shape_config
+
+    c = shape_config("llama3-8b")
+    assert (c.hidden_size, c.num_layers, c.num_kv_heads, c.intermediate_size) == (4096, 32, 8, 14336)
+    assert shape_config("llama2-13b").num_layers == 40
+    w = RandomWeights().read_cat([("a.weight", (64, 32)), ("b.weight", (16, 32))], torch.float32, "cpu")
+    n = RandomWeights().read("model.norm.weight", (32,), torch.float32, "cpu")
+    assert w.shape == (80, 32) and bool((w != 0).all()) and 0.01 < float(w.std()) < 0.03
+    assert bool((n > 0.5).all())

@@ -4,7 +4,15 @@ import pytest
 import torch
 
 import runtime
-from tests.models import STORIES, TINY_CONFIGS, hf_model, make_tiny_llama, rel_err, step_errors
+from model.errors import UserError
+from tests.models import (
+    STORIES,
+    TINY_CONFIGS,
+    hf_model,
+    make_tiny_llama,
+    rel_err,
+    step_errors,
+)
 
 TOL = 1e-4
 
@@ -132,3 +140,20 @@ def test_triton_path_matches_hf(monkeypatch):
     errs, hf_greedy, _ = step_errors(engine, hf, prompt, 6)
     assert max(errs) < TOL, errs
     assert engine.generate(prompt.tolist(), max_new_tokens=7).tokens[0] == hf_greedy
+
+
+def test_load_shape_builds_a_random_engine_without_checkpoint(monkeypatch):
+    """--shape mode: the named config, random weights for every kept tensor, decode runs (no tokenizer)."""
+    from model import shapes
+    from runtime.engine import load_shape
+
+    tiny = {**shapes.SHAPES["llama3-8b"], "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": 300}
+    monkeypatch.setitem(shapes.SHAPES, "tiny", tiny)
+    engine = load_shape("tiny", plan="attn66", dtype="float32", device="cpu")
+    assert engine.tokenizer is None and list(engine.plan.drop_attention) == [2]
+    assert not any(".2.self_attn" in n for n in engine.names_read)
+    logits = engine.logits([5, 6, 7])
+    assert logits.shape == (1, 3, 300) and bool(torch.isfinite(logits).all()) and float(logits.std()) > 0
+    with pytest.raises(UserError, match="--shape"):
+        load_shape("llama9")
