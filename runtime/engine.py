@@ -84,8 +84,9 @@ def load(model=None, plan=None, dtype="auto", device="auto", max_seq_len=None, s
 
     plan: None (full), a preset name, a plan JSON path, a plan dict or a resolved Plan.
     max_seq_len: size of the static KV cache; None sizes it per call (prompt + new tokens).
-    compile: on CPU, run decode steps through the inductor-compiled step (``runtime/cpu_decode.py``);
-    False keeps everything on the eager torch reference.
+    compile: run decode steps (one token per row) fast: through the inductor-compiled step on CPU
+    (``runtime/cpu_decode.py``), as a replayed CUDA graph on GPU (``DecodeGraph``). False keeps every
+    step eager (the torch reference on CPU, plain Triton launches on GPU).
     """
     from model.default_model import resolve_model
 
@@ -204,7 +205,7 @@ class Engine:
             seq_len = self.max_seq_len
         c = self._cache
         if c is None or c.batch != batch or c.max_seq_len != seq_len:
-            self._cache = None  # free the old cache before allocating the new one
+            self._cache = self._graph = None  # free the old cache (and a graph over it) before allocating
             self._cache = c = self.new_cache(batch, seq_len)
         return c
 

@@ -87,6 +87,8 @@ class Streamer:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m runtime.generate", description=__doc__)
     add_generation_args(p)
+    p.add_argument("--no-compile", action="store_true",
+                   help="decode on the eager reference (CPU: no inductor compile; GPU: no CUDA graph)")
     args = p.parse_args(argv)
     try:
         check_args(args)
@@ -95,7 +97,7 @@ def main(argv=None) -> int:
 
         t0 = time.perf_counter()
         engine = runtime.load(args.model, plan=args.plan, dtype=args.dtype, device=args.device,
-                              max_seq_len=args.max_seq_len)
+                              max_seq_len=args.max_seq_len, compile=not args.no_compile)
         load_s = time.perf_counter() - t0
         ids = engine.encode_prompts(prompts, chat=args.chat)
         longest = max(len(i) for i in ids)

@@ -110,7 +110,7 @@ def _parse_positive_int(name, value, allow_none=True):
 
 
 _MODEL_ARGS = ("pretrained", "plan", "dtype", "device", "batch_size", "max_length", "max_gen_toks",
-               "add_bos_token")
+               "add_bos_token", "compile")
 
 
 @register_model("sublayer")
@@ -121,7 +121,7 @@ class SublayerLM(TemplateLM):
 
     def __init__(self, pretrained=None, plan=None, dtype="auto", device="auto", batch_size=1,
                  max_length=None, max_gen_toks=_DEFAULT_MAX_GEN_TOKS, add_bos_token=None, engine=None,
-                 **kwargs):
+                 compile=True, **kwargs):
         super().__init__()
         ignored = {k: v for k, v in kwargs.items() if k in ("max_batch_size",)}
         unknown = sorted(set(kwargs) - set(ignored))
@@ -138,7 +138,8 @@ class SublayerLM(TemplateLM):
             import runtime
 
             engine = runtime.load(None if pretrained in (None, "") else str(pretrained), plan=plan,
-                                  dtype=str(dtype), device=str(device))
+                                  dtype=str(dtype), device=str(device),
+                                  compile=_parse_bool("compile", compile) is not False)
         self.engine = engine
         self._memo = None  # (tokens, batch-1 KV cache) of the last common prefix scored
         self.tokenizer = engine.tokenizer  # ours, not a transformers tokenizer

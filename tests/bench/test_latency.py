@@ -57,3 +57,24 @@ def test_shape_mode_uses_random_weights_of_the_named_shape():
     n = RandomWeights().read("model.norm.weight", (32,), torch.float32, "cpu")
     assert w.shape == (80, 32) and bool((w != 0).all()) and 0.01 < float(w.std()) < 0.03
     assert bool((n > 0.5).all())
+
+
+def test_shape_mode_rows_for_ours_and_hf(monkeypatch):
+    """``--shape``: one row each for ours and HF eager on a (tiny, patched-in) named shape, in process."""
+    import importlib.util
+    from pathlib import Path
+
+    from model import shapes
+
+    spec = importlib.util.spec_from_file_location("latency", Path(__file__).resolve().parents[2] / "bench" / "latency.py")
+    latency = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(latency)
+    tiny = {**shapes.SHAPES["llama2-7b"], "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+            "num_key_value_heads": 4, "intermediate_size": 96, "vocab_size": 300}
+    monkeypatch.setitem(shapes.SHAPES, "tiny", tiny)
+    base = {"plan": "attn66", "dtype": "float32", "batch": 2, "context": 8, "model": None, "shape": "tiny",
+            "device": "cpu", "steps": 3, "warmup": 1, "threads": None}
+    for impl in ("ours", "hf-eager"):
+        row = latency.measure({**base, "impl": impl})
+        assert row["plan"] == "attn66" and row["attn_dropped"] == 1 and row["decode_ms"] > 0, row
+        assert row["kv_MiB"] == 2 * 2 * 2 * 8 * 64 * 4 / 2**20  # 2 kept attention layers, batch 2, 8 positions

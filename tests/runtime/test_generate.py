@@ -27,6 +27,14 @@ def test_streams_greedy_text_and_reports_on_stderr():
         assert re.search(label, r.stderr), label
 
 
+def test_no_compile_gives_the_same_text():
+    """--no-compile decodes on the eager reference: same greedy text as the compiled default."""
+    args = ["--model", str(STORIES), "--plan", "attn66", "--prompt", "Lily and Ben", "--max-new-tokens", "16"]
+    a, b = generate(*args), generate(*args, "--no-compile")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert a.stdout == b.stdout and len(a.stdout) > len("Lily and Ben")
+
+
 def test_prompt_file_is_a_batch(tmp_path):
     f = tmp_path / "prompts.txt"
     f.write_text("Once upon a time\nTom had a red ball\n")
