@@ -262,6 +262,51 @@ def measure(spec) -> dict:
     return row
 
 
+@torch.inference_mode()
+def measure_paired(spec) -> list[dict]:
+    """Rows for several plans (``spec["plans"]``) from one process: every plan's engine is loaded and
+    prefilled, then decode steps alternate between the plans, so that slow stretches of a shared
+    machine (and a slow process) hit all of them alike. Peak memory is the process's, so left out."""
+    B, T, steps, warmup = spec["batch"], spec["context"], spec["steps"], spec["warmup"]
+    torch.set_num_threads(spec["threads"]) if spec["threads"] else None
+    runs = []
+    for i, name in enumerate(spec["plans"]):
+        engine = load_ours({**spec, "plan": name}, T + warmup + steps)
+        prefill, step = ours_runner(engine, B)
+        prompt = torch.randint(3, engine.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
+        prompt = prompt.to(engine.device)
+        prefill(prompt[:, :8])
+        timer = Timer(engine.device)
+        with timer:
+            logits = prefill(prompt)
+        runs.append({"engine": engine, "step": step, "timer": timer, "logits": logits, "first": None})
+    for i in range(warmup + steps):
+        for r in runs:
+            tok = r["logits"][:, -1].argmax(-1, keepdim=True)
+            with r["timer"]:
+                r["logits"] = r["step"](tok, T + i)
+            if i == 0:
+                r["first"] = r["logits"][:, -1].float().cpu()
+    rows = []
+    for r, out in zip(runs, spec["logits_out"]):
+        e, times = r["engine"], r["timer"].seconds()
+        decode = sorted(times[1 + warmup:])
+        med = statistics.median(decode)
+        row = {**{k: spec[k] for k in ("impl", "dtype", "batch", "context")}, "plan": e.plan.name,
+               "device": e.device.type, "steps": steps, "paired": True,
+               "attn_dropped": len(e.plan.drop_attention), "mlp_dropped": len(e.plan.drop_mlp),
+               **plan_bytes(e.config, e.plan, e.dtype.itemsize, T, B),
+               "prefill_ms": times[0] * 1e3, "prefill_tok_s": B * T / times[0],
+               "decode_ms": med * 1e3, "decode_p10_ms": _quantile(decode, 0.1) * 1e3,
+               "decode_p90_ms": _quantile(decode, 0.9) * 1e3, "tok_s": B / med}
+        row["GBps"] = row["step_MiB"] * MiB / med / 1e9
+        from safetensors.torch import save_file
+
+        save_file({"logits": r["first"].contiguous()}, out)
+        rows.append(row)
+    return rows
+
+
 def _quantile(sorted_values, q):
     i = q * (len(sorted_values) - 1)
     lo = int(i)
@@ -284,6 +329,9 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per row")
     p.add_argument("--warmup", type=int, default=4, help="decode steps before timing")
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
+    p.add_argument("--paired", action="store_true",
+                   help="ours / ours-eager only: measure all plans of a (dtype, batch, context) in one process, "
+                        "decode steps alternating between plans (the fairest plan-vs-full comparison on a noisy machine)")
     p.add_argument("--repeats", type=int, default=1,
                    help="measure each row in this many fresh processes (round-robin over the rows) and keep "
                         "the one with the median decode time: on a shared VM a whole process can run slow")
@@ -324,6 +372,8 @@ def specs_of(args) -> list[dict]:
         raise UserError(f"--dtypes: expected a comma-separated subset of {', '.join(DTYPES)}; got {args.dtypes!r}")
     if args.steps < 2 or args.warmup < 0 or args.repeats < 1:
         raise UserError("--steps must be >= 2, --warmup >= 0 and --repeats >= 1")
+    if args.paired and not set(impls) <= {"ours", "ours-eager"}:
+        raise UserError("--paired: only for --impls ours and/or ours-eager (our engines share one process)")
     plans = [s for s in args.plans.split(",") if s]
     # Resolve every plan up front, so that a bad one fails before an hour of measuring.
     from runtime.plan import load_plan
@@ -349,17 +399,19 @@ def specs_of(args) -> list[dict]:
 def run_worker(spec) -> dict:
     r = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, check=False,
                        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith(("{", "["))]
     if r.returncode != 0 or not lines:
         tail = " | ".join(r.stderr.strip().splitlines()[-3:])
-        return {**{k: spec[k] for k in ("impl", "plan", "dtype", "batch", "context")}, "error": tail[-400:]}
+        failed = {**{k: spec[k] for k in ("impl", "dtype", "batch", "context")}, "error": tail[-400:]}
+        return [{**failed, "plan": p} for p in spec["plans"]] if "plans" in spec else {**failed, "plan": spec["plan"]}
     return json.loads(lines[-1])
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
-        print(json.dumps(measure(json.loads(args.worker))))
+        spec = json.loads(args.worker)
+        print(json.dumps(measure_paired(spec) if "plans" in spec else measure(spec)))
         return 0
     try:
         specs = specs_of(args)
@@ -374,7 +426,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     bw = copy_bandwidth(device)
-    meta = {"command": "python bench/latency.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    meta = {"paired": args.paired, "command": "python bench/latency.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores",
             "torch_threads": args.threads or torch.get_num_threads(), "torch": torch.__version__,
             "copy_GBps": bw / 1e9, "model": args.shape and f"random weights, shape {args.shape}" or (args.model or "smollm2-135m-instruct"),
@@ -386,12 +438,23 @@ def main(argv=None) -> int:
         # Repeats go round-robin over all rows, so that a plan and `full` sample the same stretches of
         # a noisy machine; each row keeps the process with the median decode time.
         runs = [[] for _ in specs]
-        bar = tqdm(total=len(specs) * args.repeats, desc="latency", unit="run", file=sys.stderr)
+        # one job per row, or with --paired one per (impl, dtype, batch, context) covering every plan
+        jobs = {}
+        for i, spec in enumerate(specs):
+            jobs.setdefault(_key(spec, plan=None) if args.paired else i, []).append(i)
+        bar = tqdm(total=len(jobs) * args.repeats, desc="latency", unit="run", file=sys.stderr)
         for _ in range(args.repeats):
-            for i, spec in enumerate(specs):
+            for members in jobs.values():
+                spec = specs[members[0]]
                 bar.set_postfix_str(f"{spec['impl']} {spec['plan']} {spec['dtype']} b{spec['batch']} t{spec['context']}")
-                runs[i].append(run_worker({**spec, "logits_out": f"{tmp}/{i}.safetensors"}))
-                bar.write(fmt_row(runs[i][-1]), file=sys.stderr)
+                if args.paired:
+                    out = run_worker({**spec, "plans": [specs[i]["plan"] for i in members],
+                                      "logits_out": [f"{tmp}/{i}.safetensors" for i in members]})
+                else:
+                    out = [run_worker({**spec, "logits_out": f"{tmp}/{members[0]}.safetensors"})]
+                for i, row in zip(members, out):
+                    runs[i].append(row)
+                    bar.write(fmt_row(row), file=sys.stderr)
                 bar.update()
         bar.close()
         for i, spec_runs in enumerate(runs):
@@ -439,7 +502,7 @@ def fmt_row(r) -> str:
         return f"{head} failed: {r['error']}"
     return (f"{head} prefill {r['prefill_ms']:8.1f} ms, decode {r['decode_ms']:7.2f} ms/token "
             f"(p10 {r['decode_p10_ms']:.2f}, p90 {r['decode_p90_ms']:.2f}), {r['tok_s']:7.1f} tok/s, "
-            f"{r['GBps']:5.1f} GB/s, peak {r['peak_MiB']:.0f} MiB")
+            f"{r['GBps']:5.1f} GB/s" + (f", peak {r['peak_MiB']:.0f} MiB" if "peak_MiB" in r else ", paired"))
 
 
 COLUMNS = [("plan", "plan", "{}"), ("impl", "impl", "{}"), ("batch", "batch", "{}"), ("context", "context", "{}"),
@@ -479,6 +542,8 @@ def write(rows, meta, out: Path):
              f"{meta['copy_GBps']:.1f} GB/s (read + write). Decode: median (p10, p90) of {meta['steps']} steps after "
              f"{meta['warmup']} warm-up steps" + (f"; each row the median of {meta['repeats']} processes (by decode "
                                                  f"time, repeats round-robin over the rows)" if meta["repeats"] > 1 else "") +
+             (" Paired: the plans of each (impl, dtype, batch, context) ran in one process, decode steps "
+              "alternating between them (peak memory not per plan, so not shown)." if meta["paired"] else "") +
              "; GB/s = bytes read per step / median. Implementations: "
              + "; ".join(f"{k} = {v}" for k, v in LABELS.items()) + ". Dropped modules do not run in the HF rows.",
              "", "Checks (batch 1):", *checks(rows)]

@@ -35,10 +35,24 @@ def test_quick_run_writes_every_output_and_agrees_with_hf(tmp_path):
     assert "Checks (batch 1)" in (tmp_path / "out" / "latency.md").read_text()
 
 
+def test_paired_mode_alternates_plans_in_one_process(tmp_path):
+    r = run("--quick", "--model", str(STORIES), "--paired", "--impls", "ours,ours-eager", "--repeats", "2",
+            "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "latency.json").read_text())["rows"]
+    assert sorted((x["plan"], x["impl"]) for x in rows) == sorted(
+        (p, i) for p in ("full", "attn66") for i in ("ours", "ours-eager"))
+    for x in rows:
+        assert x["paired"] and len(x["decode_ms_runs"]) == 2 and "peak_MiB" not in x
+        if x["impl"] == "ours-eager":
+            assert x["rel_err_vs_ours"] < 1e-4
+    assert "Paired" in (tmp_path / "latency.md").read_text()
+
+
 def test_bad_values_are_clear_errors(tmp_path):
     for args, field in [(["--impls", "ours,vllm"], "--impls"), (["--contexts", "0"], "--contexts"),
                         (["--shape", "llama9"], "--shape"), (["--dtypes", "fp8"], "--dtypes"),
-                        (["--plans", "nonsense"], "nonsense")]:
+                        (["--plans", "nonsense"], "nonsense"), (["--paired"], "--paired")]:
         r = run("--model", str(STORIES), "--plans", "full", *args, "--out", str(tmp_path))
         assert r.returncode == 2 and field in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     assert not list(tmp_path.iterdir())  # nothing written
