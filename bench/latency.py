@@ -330,8 +330,8 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=4, help="decode steps before timing")
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
     p.add_argument("--paired", action="store_true",
-                   help="ours / ours-eager only: measure all plans of a (dtype, batch, context) in one process, "
-                        "decode steps alternating between plans (the fairest plan-vs-full comparison on a noisy machine)")
+                   help="measure our plans of a (dtype, batch, context) in one process, decode steps alternating between "
+                        "plans (the fairest plan-vs-full comparison on a noisy machine); HF rows keep a process each")
     p.add_argument("--repeats", type=int, default=1,
                    help="measure each row in this many fresh processes (round-robin over the rows) and keep "
                         "the one with the median decode time: on a shared VM a whole process can run slow")
@@ -372,8 +372,6 @@ def specs_of(args) -> list[dict]:
         raise UserError(f"--dtypes: expected a comma-separated subset of {', '.join(DTYPES)}; got {args.dtypes!r}")
     if args.steps < 2 or args.warmup < 0 or args.repeats < 1:
         raise UserError("--steps must be >= 2, --warmup >= 0 and --repeats >= 1")
-    if args.paired and not set(impls) <= {"ours", "ours-eager"}:
-        raise UserError("--paired: only for --impls ours and/or ours-eager (our engines share one process)")
     plans = [s for s in args.plans.split(",") if s]
     # Resolve every plan up front, so that a bad one fails before an hour of measuring.
     from runtime.plan import load_plan
@@ -441,13 +439,14 @@ def main(argv=None) -> int:
         # one job per row, or with --paired one per (impl, dtype, batch, context) covering every plan
         jobs = {}
         for i, spec in enumerate(specs):
-            jobs.setdefault(_key(spec, plan=None) if args.paired else i, []).append(i)
+            paired = args.paired and spec["impl"].startswith("ours")  # HF peers keep a process per row
+            jobs.setdefault(_key(spec, plan=None) if paired else i, []).append(i)
         bar = tqdm(total=len(jobs) * args.repeats, desc="latency", unit="run", file=sys.stderr)
         for _ in range(args.repeats):
             for members in jobs.values():
                 spec = specs[members[0]]
                 bar.set_postfix_str(f"{spec['impl']} {spec['plan']} {spec['dtype']} b{spec['batch']} t{spec['context']}")
-                if args.paired:
+                if args.paired and spec["impl"].startswith("ours"):
                     out = run_worker({**spec, "plans": [specs[i]["plan"] for i in members],
                                       "logits_out": [f"{tmp}/{i}.safetensors" for i in members]})
                 else:
@@ -542,8 +541,9 @@ def write(rows, meta, out: Path):
              f"{meta['copy_GBps']:.1f} GB/s (read + write). Decode: median (p10, p90) of {meta['steps']} steps after "
              f"{meta['warmup']} warm-up steps" + (f"; each row the median of {meta['repeats']} processes (by decode "
                                                  f"time, repeats round-robin over the rows)" if meta["repeats"] > 1 else "") +
-             (" Paired: the plans of each (impl, dtype, batch, context) ran in one process, decode steps "
-              "alternating between them (peak memory not per plan, so not shown)." if meta["paired"] else "") +
+             (" Paired: our plans of each (impl, dtype, batch, context) ran in one process, decode steps "
+              "alternating between them (peak memory not per plan, so not shown); HF rows ran one process each."
+              if meta["paired"] else "") +
              "; GB/s = bytes read per step / median. Implementations: "
              + "; ".join(f"{k} = {v}" for k, v in LABELS.items()) + ". Dropped modules do not run in the HF rows.",
              "", "Checks (batch 1):", *checks(rows)]

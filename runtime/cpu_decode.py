@@ -1,10 +1,11 @@
 """The CPU decode step, compiled with inductor (``torch.compile``).
 
-Decode at batch 1 is a stream of matrix-vector products. On CPU, ``F.linear`` streams float32
-weights at about 13 GB/s on the 2-core development machine, while the C++ reduction loops inductor
-generates for ``(x * W).sum(-1)`` reach about 26 GB/s (``bench/latency.py`` prints both the achieved
-and the machine's copy bandwidth). So on CPU the decode step (one new token per row, T = 1) runs
-these three small functions, each compiled once and reused by every layer of its kind and every plan:
+Decode at batch 1 is a stream of matrix-vector products. On the 2-core development machine
+``F.linear`` (MKL GEMV) streams SmolLM2's float32 weight shapes at about 13 GB/s, the C++ reduction
+loops inductor generates for ``(x * W).sum(-1)`` at about 25 GB/s (a microbenchmark; the whole decode
+step reaches 19-23 GB/s, see bench/results/latency/). So on CPU the decode step (one new token per
+row, T = 1) runs these three small functions, each compiled once and reused by every layer of its
+kind and every plan:
 
 - ``attention_step``: add + RMSNorm, fused QKV, rotary, KV write by index, attention over the static
   cache under a [B, S] mask (no host sync, no slicing by the current length), output projection;

@@ -52,7 +52,7 @@ def test_paired_mode_alternates_plans_in_one_process(tmp_path):
 def test_bad_values_are_clear_errors(tmp_path):
     for args, field in [(["--impls", "ours,vllm"], "--impls"), (["--contexts", "0"], "--contexts"),
                         (["--shape", "llama9"], "--shape"), (["--dtypes", "fp8"], "--dtypes"),
-                        (["--plans", "nonsense"], "nonsense"), (["--paired"], "--paired")]:
+                        (["--plans", "nonsense"], "nonsense")]:
         r = run("--model", str(STORIES), "--plans", "full", *args, "--out", str(tmp_path))
         assert r.returncode == 2 and field in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     assert not list(tmp_path.iterdir())  # nothing written
