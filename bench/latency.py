@@ -238,18 +238,9 @@ def measure(spec) -> dict:
             logits = step(tok, T + i)
         if i == 0:
             first, first_s = logits[:, -1].float().cpu(), time.perf_counter() - t_first
-    times = timer.seconds()
-    decode = sorted(times[1 + warmup:])
-    med = statistics.median(decode)
-    row = {**{k: spec[k] for k in ("impl", "dtype", "batch", "context")}, "plan": plan.name,
-           "device": device.type, "steps": steps,
-           "attn_dropped": len(plan.drop_attention), "mlp_dropped": len(plan.drop_mlp),
-           **plan_bytes(config, plan, dtype.itemsize, T, B),
-           "load_s": load_s, "first_step_s": first_s,  # first decode step: compile / capture / warm-up
-           "prefill_ms": times[0] * 1e3, "prefill_tok_s": B * T / times[0],
-           "decode_ms": med * 1e3, "decode_p10_ms": _quantile(decode, 0.1) * 1e3,
-           "decode_p90_ms": _quantile(decode, 0.9) * 1e3, "tok_s": B / med}
-    row["GBps"] = row["step_MiB"] * MiB / med / 1e9
+    head = row_head(spec, plan, device, config, dtype)
+    row = {**head, "load_s": load_s, "first_step_s": first_s,  # first decode step: compile / capture / warm-up
+           **timing_fields(timer.seconds(), spec, head["step_MiB"])}
     if device.type == "cuda":
         row["peak_MiB"] = torch.cuda.max_memory_allocated() / MiB
     else:  # this process's peak resident memory (VmHWM starts afresh at exec; ru_maxrss keeps the parent's)
@@ -289,22 +280,33 @@ def measure_paired(spec) -> list[dict]:
                 r["first"] = r["logits"][:, -1].float().cpu()
     rows = []
     for r, out in zip(runs, spec["logits_out"]):
-        e, times = r["engine"], r["timer"].seconds()
-        decode = sorted(times[1 + warmup:])
-        med = statistics.median(decode)
-        row = {**{k: spec[k] for k in ("impl", "dtype", "batch", "context")}, "plan": e.plan.name,
-               "device": e.device.type, "steps": steps, "paired": True,
-               "attn_dropped": len(e.plan.drop_attention), "mlp_dropped": len(e.plan.drop_mlp),
-               **plan_bytes(e.config, e.plan, e.dtype.itemsize, T, B),
-               "prefill_ms": times[0] * 1e3, "prefill_tok_s": B * T / times[0],
-               "decode_ms": med * 1e3, "decode_p10_ms": _quantile(decode, 0.1) * 1e3,
-               "decode_p90_ms": _quantile(decode, 0.9) * 1e3, "tok_s": B / med}
-        row["GBps"] = row["step_MiB"] * MiB / med / 1e9
+        e = r["engine"]
+        head = row_head(spec, e.plan, e.device, e.config, e.dtype)
+        row = {**head, "paired": True, **timing_fields(r["timer"].seconds(), spec, head["step_MiB"])}
         from safetensors.torch import save_file
 
         save_file({"logits": r["first"].contiguous()}, out)
         rows.append(row)
     return rows
+
+
+def row_head(spec, plan, device, config, dtype) -> dict:
+    """What a row measured: impl, plan, dtype, shape of the run, and its bytes (``plan_bytes``)."""
+    return {**{k: spec[k] for k in ("impl", "dtype", "batch", "context")}, "plan": plan.name,
+            "device": device.type, "steps": spec["steps"],
+            "attn_dropped": len(plan.drop_attention), "mlp_dropped": len(plan.drop_mlp),
+            **plan_bytes(config, plan, dtype.itemsize, spec["context"], spec["batch"])}
+
+
+def timing_fields(times, spec, step_MiB: float) -> dict:
+    """times: [prefill, warm-up steps..., timed steps...] in seconds -> the row's timing columns,
+    with the achieved bandwidth of ``step_MiB`` read per decode step."""
+    B, T = spec["batch"], spec["context"]
+    decode = sorted(times[1 + spec["warmup"]:])
+    med = statistics.median(decode)
+    return {"prefill_ms": times[0] * 1e3, "prefill_tok_s": B * T / times[0], "decode_ms": med * 1e3,
+            "decode_p10_ms": _quantile(decode, 0.1) * 1e3, "decode_p90_ms": _quantile(decode, 0.9) * 1e3,
+            "tok_s": B / med, "GBps": step_MiB * MiB / med / 1e9}
 
 
 def _quantile(sorted_values, q):
