@@ -6,6 +6,7 @@ and the sublayer (attention or SwiGLU MLP), then the final norm and LM head. Eac
 is added to the residual stream by the *next* step's fused add+norm.
 """
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -166,6 +167,24 @@ class Engine:
         self.names_read = rd.names_read
         rd.close()  # drop the memory maps: everything needed is copied into owned tensors
         self.reader = None
+
+    def with_plan(self, plan) -> "Engine":
+        """An Engine for ``plan`` sharing this engine's weight tensors (nothing copied or re-read), so
+        that a plan search can score many candidates against one loaded model. ``plan`` (anything
+        ``load`` takes) must drop at least what this engine's plan drops: dropped weights were never
+        loaded."""
+        schedule = compile_plan(load_plan(plan, self.config.num_layers), self.config)
+        weights = {(type(s), s.layer): w for s, w in zip(self.schedule.steps, self.layers)}
+        missing = [f"layer {s.layer} {'attention' if isinstance(s, AttentionStep) else 'MLP'}"
+                   for s in schedule.steps if (type(s), s.layer) not in weights]
+        if missing:
+            raise UserError(f"plan {schedule.plan.name!r} keeps sublayers this engine's plan dropped "
+                            f"({', '.join(missing)}); load the model with that plan instead")
+        sub = copy.copy(self)
+        sub.schedule = schedule
+        sub.layers = [weights[(type(s), s.layer)] for s in schedule.steps]
+        sub._cache = sub._graph = None
+        return sub
 
     @property
     def plan(self) -> Plan:

@@ -157,3 +157,15 @@ def test_load_shape_builds_a_random_engine_without_checkpoint(monkeypatch):
     assert logits.shape == (1, 3, 300) and bool(torch.isfinite(logits).all()) and float(logits.std()) > 0
     with pytest.raises(UserError, match="--shape"):
         load_shape("llama9")
+
+
+def test_with_plan_shares_weights_and_equals_a_fresh_load():
+    full = runtime.load(str(STORIES), dtype="float32", device="cpu", compile=False)
+    sub = full.with_plan("attn66")
+    fresh = runtime.load(str(STORIES), plan="attn66", dtype="float32", device="cpu", compile=False)
+    ids = list(range(3, 40))
+    assert torch.equal(sub.logits(ids), fresh.logits(ids))
+    assert sub.layers[0].qkv is full.layers[0].qkv  # shared, not copied
+    assert sub.weight_bytes == fresh.weight_bytes
+    with pytest.raises(UserError, match="keeps sublayers"):
+        sub.with_plan("full")
