@@ -17,3 +17,24 @@ def read_json(path, error=UserError):
         return json.loads(open(path, encoding="utf-8").read())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise error(f"{path}: not readable JSON ({e})") from None
+
+
+def cli_main(main):
+    """Decorator for an entry point's ``main(argv=None) -> int``: a ``UserError`` prints
+    ``error: <message>`` on stderr and returns 2; Ctrl-C prints one line and returns 130. No traceback
+    for either (every other exception is a bug and keeps its traceback)."""
+    import functools
+    import sys
+
+    @functools.wraps(main)
+    def run(argv=None):
+        try:
+            return main(argv)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted (Ctrl-C); nothing half-written was kept", file=sys.stderr)
+            return 130
+
+    return run
