@@ -34,7 +34,7 @@ def cli_main(main):
             print(f"error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            print("interrupted (Ctrl-C); nothing half-written was kept", file=sys.stderr)
+            print("interrupted (Ctrl-C)", file=sys.stderr)
             return 130
 
     return run
