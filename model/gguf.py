@@ -11,19 +11,16 @@ transformers) reads it like any other checkpoint.
 - GGUF lists dimensions fastest-first (ne0 = columns), the reverse of torch's order.
 - The tokenizer is built by transformers from the GGUF and saved with `save_pretrained`; the
   result is checked to encode like transformers' GGUF tokenizer before it is kept.
-- Everything is written to a temporary directory beside `out_dir` and renamed at the end, so a
-  failure leaves nothing half-written.
+- Everything is written through `model.atomic.install_dir` (a temporary directory beside `out_dir`,
+  renamed in at the end), so a failure or Ctrl-C leaves nothing half-written.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import struct
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -64,14 +61,108 @@ def _open_reader(path: Path):
         raise UserError(f"{path}: no such file")
     if not path.is_file():
         raise UserError(f"{path}: not a file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
     if magic != GGUF_MAGIC:
         raise UserError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    size = path.stat().st_size
+    try:
+        expected = _expected_size(path)
+    except _HeaderCut:
+        raise UserError(f"{path}: truncated: the file ends at byte {size}, inside its header "
+                        f"(a complete file is larger; download it again)") from None
+    if expected is not None and size < expected:
+        raise UserError(f"{path}: truncated: {size} bytes, expected {expected} bytes (header and tensor data, "
+                        f"from its header); download it again")
     try:
         return gguf.GGUFReader(path)
-    except Exception as e:  # a truncated or corrupt file
-        raise UserError(f"{path}: cannot read GGUF file: {e}") from e
+    except Exception as e:  # a corrupt file
+        raise UserError(f"{path}: cannot read GGUF file: {e}") from None
+
+
+class _HeaderCut(Exception):
+    """The file ends inside its GGUF header."""
+
+
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
+_STRING, _ARRAY, _UINT32 = 8, 9, 4
+
+
+def _expected_size(path: Path) -> int | None:
+    """Bytes a complete GGUF needs (aligned header + the furthest tensor's end), walking its header;
+    ``_HeaderCut`` when the header runs past the end, None where the header is not understood (the
+    ``gguf`` reader then says what is wrong)."""
+    import gguf
+
+    import mmap
+
+    with open(path, "rb") as f:  # at least the 4 magic bytes: mmap needs a non-empty file
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    size, pos = len(buf), 4
+    if size < 8:
+        raise _HeaderCut
+    order = ">" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF == 0 else "<"  # as GGUFReader tells byte order
+
+    def take(fmt):
+        nonlocal pos
+        try:
+            values = struct.unpack_from(order + fmt, buf, pos)
+        except struct.error:
+            raise _HeaderCut from None
+        pos += struct.calcsize(fmt)
+        return values[0] if len(values) == 1 else values
+
+    def skip(n):
+        nonlocal pos
+        pos += n
+        if pos > size:
+            raise _HeaderCut
+
+    def value(kind):
+        if kind == _UINT32:
+            return take("I")
+        if kind in _SCALAR_BYTES:
+            return skip(_SCALAR_BYTES[kind])
+        if kind == _STRING:
+            return skip(take("Q"))
+        if kind == _ARRAY:
+            item, n = take("I"), take("Q")
+            if item in _SCALAR_BYTES:
+                return skip(n * _SCALAR_BYTES[item])
+            if pos + 8 * n > size:
+                raise _HeaderCut
+            for _ in range(n):
+                value(item)
+            return None
+        raise ValueError(kind)
+
+    try:
+        take("I")  # version
+        n_tensors, n_kv = take("Q"), take("Q")
+        alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+        for _ in range(n_kv):
+            start = pos
+            key_len = take("Q")
+            skip(key_len)
+            key = bytes(buf[start + 8:start + 8 + key_len])
+            kind = take("I")
+            v = value(kind)
+            if key == b"general.alignment" and kind == _UINT32 and v:
+                alignment = v
+        end = 0
+        for _ in range(n_tensors):
+            skip(take("Q"))
+            n_dims = take("I")
+            dims = [take("Q") for _ in range(n_dims)]
+            qtype, offset = take("I"), take("Q")
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+            end = max(end, offset + math.prod(dims) // block * type_size)
+    except (ValueError, KeyError):
+        return None
+    return pos + (-pos % alignment) + end
 
 
 def _metadata(reader) -> dict:
@@ -104,52 +195,32 @@ def _float32_repr(x: float) -> float:
 def _llama3_rope_scaling(freqs: np.ndarray, theta: float, head_dim: int, path: Path) -> dict:
     """Recover Llama-3.1 rope scaling from llama.cpp's rope_freqs tensor.
 
-    llama.cpp writes one factor per rotary frequency, computed from (factor, low_freq_factor,
+    llama.cpp writes one divisor per rotary frequency, computed from (factor, low_freq_factor,
     high_freq_factor, original_max_position_embeddings). The tensor doesn't name them, so we try
-    the values every Llama-3.x release uses and accept them only if they reproduce it exactly.
+    the values every Llama-3.x release uses and accept them only if ``kernels.rotary.rope_inv_freq``
+    (the runtime's own formula) reproduces the tensor.
     """
+    from kernels.rotary import rope_inv_freq
+
     factors = np.asarray(freqs, dtype=np.float64).reshape(-1)
-    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    plain = rope_inv_freq(head_dim, theta).double().numpy()
     factor = float(factors.max())
     for low, high, old in ((1.0, 4.0, 8192),):
-        low_wavelen, high_wavelen = old / low, old / high
-        expect = []
-        for f in inv:
-            wavelen = 2 * math.pi / f
-            if wavelen < high_wavelen:
-                expect.append(1.0)
-            elif wavelen > low_wavelen:
-                expect.append(factor)
-            else:
-                smooth = (old / wavelen - low) / (high - low)
-                expect.append(1 / ((1 - smooth) / factor + smooth))
+        scaling = {"rope_type": "llama3", "factor": _float32_repr(factor), "low_freq_factor": low,
+                   "high_freq_factor": high, "original_max_position_embeddings": old}
+        expect = plain / rope_inv_freq(head_dim, theta, scaling).double().numpy()
         if len(expect) == len(factors) and np.allclose(expect, factors, rtol=1e-5, atol=1e-6):
-            return {
-                "rope_type": "llama3",
-                "factor": _float32_repr(factor),
-                "low_freq_factor": low,
-                "high_freq_factor": high,
-                "original_max_position_embeddings": old,
-            }
+            return scaling
     raise UserError(f"{path}: {_ROPE_FREQS} holds rope scaling factors that match no known llama3 setting")
 
 
-def _rope_scaling(meta: dict, arch: str, path: Path) -> dict | None:
+def _refuse_rope_scaling_metadata(meta: dict, arch: str, path: Path) -> None:
+    """GGUF rope scaling metadata (linear / yarn) is refused: the runtime implements only Llama-3
+    scaling, which llama.cpp stores as the rope_freqs tensor instead."""
     kind = meta.get(f"{arch}.rope.scaling.type")
-    if kind is None or kind == "none":
-        return None
-    factor = meta.get(f"{arch}.rope.scaling.factor")
-    if factor is None:
-        raise UserError(f"{path}: rope scaling type {kind!r} without {arch}.rope.scaling.factor")
-    if kind == "linear":
-        return {"rope_type": "linear", "factor": _float32_repr(factor)}
-    if kind == "yarn":
-        scaling = {"rope_type": "yarn", "factor": _float32_repr(factor)}
-        orig = meta.get(f"{arch}.rope.scaling.original_context_length")
-        if orig is not None:
-            scaling["original_max_position_embeddings"] = int(orig)
-        return scaling
-    raise UserError(f"{path}: unsupported rope scaling type {kind!r} (supported: linear, yarn)")
+    if kind not in (None, "none"):
+        raise UserError(f"{path}: {arch}.rope.scaling.type is {kind!r}; this runtime supports only Llama-3 rope "
+                        f"scaling (the {_ROPE_FREQS} tensor), not linear or yarn scaling")
 
 
 def _build_config(reader, meta: dict, path: Path) -> dict:
@@ -178,11 +249,10 @@ def _build_config(reader, meta: dict, path: Path) -> dict:
         raise UserError(f"{path}: {arch}.vocab_size {meta[f'{arch}.vocab_size']} != token_embd rows {vocab}")
 
     theta = float(meta.get(f"{arch}.rope.freq_base", 10000.0))
-    rope_scaling = _rope_scaling(meta, arch, path)
+    _refuse_rope_scaling_metadata(meta, arch, path)
+    rope_scaling = None
     if _ROPE_FREQS in names:
         freqs = next(t for t in reader.tensors if t.name == _ROPE_FREQS)
-        if rope_scaling is not None:
-            raise UserError(f"{path}: both {_ROPE_FREQS} and rope scaling metadata; can't tell which applies")
         rope_scaling = _llama3_rope_scaling(np.array(freqs.data), theta, head_dim, path)
 
     config = {
@@ -403,34 +473,21 @@ def _write_json(path: Path, obj) -> None:
 # ----------------------------------------------------------------------------- entry point
 
 
-def _is_nonempty_dir(p: Path) -> bool:
-    return p.is_dir() and any(p.iterdir())
-
-
 def import_gguf(gguf_path, out_dir, *, show_progress: bool = True, overwrite: bool = False) -> Path:
     """Convert the llama GGUF at `gguf_path` into a checkpoint directory `out_dir`; return it.
 
-    `out_dir` must not exist or be empty unless `overwrite`; then it is replaced only once the new
-    checkpoint is complete. Errors about the input raise `UserError` naming the file.
+    Written through ``model.atomic.install_dir``: `out_dir` must be missing or empty unless
+    `overwrite` (then it is replaced once the new checkpoint is complete), and may not be, contain
+    or sit inside the GGUF. Errors about the input raise `UserError` naming the file.
     """
+    from model.atomic import install_dir
+
     gguf_path = Path(gguf_path).expanduser()
-    out_dir = Path(out_dir).expanduser().absolute()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir}: exists and is not a directory")
-    if _is_nonempty_dir(out_dir) and not overwrite:
-        raise UserError(f"{out_dir}: already exists and is not empty")
-
-    reader = _open_reader(gguf_path)
-    meta = _metadata(reader)
-    config = _build_config(reader, meta, gguf_path)
-    plan = _tensor_plan(reader, config, gguf_path)
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.importing-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the checkpoint should not be
-    try:
+    with install_dir(out_dir, replace=overwrite, inputs=[gguf_path]) as tmp:
+        reader = _open_reader(gguf_path)
+        meta = _metadata(reader)
+        config = _build_config(reader, meta, gguf_path)
+        plan = _tensor_plan(reader, config, gguf_path)
         source = {
             "format": "pt",
             "source": gguf_path.name,
@@ -442,27 +499,5 @@ def import_gguf(gguf_path, out_dir, *, show_progress: bool = True, overwrite: bo
         _write_json(tmp / "config.json", config)
         generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
         _write_json(tmp / "generation_config.json", generation)
-        del reader  # release the memory map before renaming (matters on Windows)
-        _install(tmp, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
-def _install(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    """Move the finished `tmp` into place as `out_dir` with renames only."""
-    old = None
-    if out_dir.exists() and overwrite and _is_nonempty_dir(out_dir):
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-    try:
-        os.replace(tmp, out_dir)  # succeeds onto a missing or empty directory
-    except OSError as e:
-        if old is not None:
-            os.replace(old, out_dir)
-        if _is_nonempty_dir(out_dir):  # someone else finished first
-            raise UserError(f"{out_dir}: already exists and is not empty") from e
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        del reader, plan  # release the memory map before renaming
+    return Path(out_dir).expanduser().resolve()

@@ -44,11 +44,8 @@ class CheckpointReader:
                 raise UserError(f"{path}: not a readable safetensors file ({e})") from None
         return self._handles[path]
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.files
-
-    def _tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """The memory-mapped tensor ``name`` (nothing read yet), shape-checked."""
+    def mapped(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The memory-mapped tensor ``name`` (nothing copied yet), shape-checked."""
         if name not in self.files:
             raise UserError(f"{self.dir}: tensor '{name}' is missing (expected shape {list(shape)})")
         path = self.files[name]
@@ -70,7 +67,7 @@ class CheckpointReader:
     def read_cat(self, parts: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype, device) -> torch.Tensor:
         """Tensors concatenated along dim 0 (q/k/v, gate/up fusion), copied straight into one owned buffer:
         no transient copies, and no reference to the memory map survives (resident memory = loaded bytes)."""
-        views = [self._tensor(name, shape) for name, shape in parts]
+        views = [self.mapped(name, shape) for name, shape in parts]
         rows = sum(v.shape[0] for v in views)
         out = torch.empty((rows, *views[0].shape[1:]), dtype=dtype, device=device)
         r = 0

@@ -92,12 +92,10 @@ def load_plan(spec, num_layers: int) -> Plan:
         return resolve_plan(spec, num_layers, where="plan")
     spec = str(spec)
     presets = preset_plans()
-    path = Path(spec)
-    if not path.exists() and spec in presets:
+    if not Path(spec).exists() and spec in presets:
         return resolve_plan(presets[spec], num_layers, where=f"preset {spec!r}")
-    if not path.exists() and (PLANS_DIR / f"{spec}.json").is_file():  # a checked-in plan, by name
-        path = PLANS_DIR / f"{spec}.json"
-    if not path.is_file():
+    path = plan_file(spec)
+    if path is None:
         raise PlanError(f"{spec}: no such plan file, and not a preset name (presets: {', '.join(presets)}; "
                         f"other plans in {PLANS_DIR} also load by name)")
     raw = read_json(path, PlanError)
@@ -105,6 +103,16 @@ def load_plan(spec, num_layers: int) -> Plan:
     if plan.name == "unnamed":
         plan = Plan(plan.num_layers, plan.drop_attention, plan.drop_mlp, path.stem, plan.spec)
     return plan
+
+
+def plan_file(spec) -> Path | None:
+    """The file a plan spec names (a path, or a checked-in plan by name), or None (a dict, a preset)."""
+    if spec is None or isinstance(spec, (dict, Plan)):
+        return None
+    path = Path(spec)
+    if not path.exists() and (PLANS_DIR / f"{spec}.json").is_file():
+        path = PLANS_DIR / f"{spec}.json"
+    return path if path.is_file() else None
 
 
 def _is_int(v) -> bool:

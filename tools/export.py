@@ -1,11 +1,14 @@
 """Export a plan-dropped model in a format other engines serve: ``python -m tools.export``.
 
-    python -m tools.export --model DIR|name --plan PLAN --format nemotron-nas|llm-drop --out DIR2 \\
+    python -m tools.export --model DIR|name --plan PLAN [--format auto|nemotron-nas|llm-drop] --out DIR2 \\
         [--force] [--shard-size 2GB]
 
 Writes only the kept tensors (safetensors, sharded with ``model.safetensors.index.json`` past
 --shard-size), the config in that format with the plan recorded, the tokenizer files and a README.md
-on serving it. Everything is written to a temporary directory next to DIR2 and renamed at the end.
+on serving it, through ``model.atomic.install_dir``: a temporary directory beside DIR2, renamed in at
+the end (--force: the old DIR2 is moved aside first and removed last); modes follow the umask; DIR2
+may not be, contain or sit inside the checkpoint or the plan file. ``write_checkpoint`` does the
+same for tensors held in memory (healing).
 
 * ``nemotron-nas``: ``DeciLMForCausalLM`` config with one ``block_configs`` entry per layer (no-op
   sublayers have no tensors). ``model_type`` "nemotron-nas" is known to neither transformers nor
@@ -22,10 +25,9 @@ import math
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from model.errors import UserError, read_json
+from model.errors import UserError, cli_main, read_json
 from model.formats import (DECILM_ARCH, NEMOTRON_NAS, PLAN_KEY, ffn_mult_to_intermediate_size,
                            intermediate_size_to_ffn_mult)
 
@@ -86,6 +88,34 @@ class DeciLMConfig(PretrainedConfig):
 '''
 
 
+def nemotron_nas_obstacle(plan) -> str | None:
+    """Why Nemotron-NAS (as vLLM reads it) cannot express ``plan``, or None when it can."""
+    if not plan.kept_attention:
+        return ("the plan drops every attention sublayer; vLLM takes the number of KV heads from the first kept "
+                "attention block (NemotronNasModelArchConfigConvertor) and fails")
+    L = plan.num_layers
+    layer = next((l for l in range(L) if l not in plan.drop_attention or l not in plan.drop_mlp), None)
+    if layer is not None and layer in plan.drop_attention:
+        return (f"the first kept sublayer is layer {layer}'s MLP (attention dropped before it); vLLM's "
+                f"DeciLMDecoderLayer.forward only starts the residual stream in a kept attention, so its MLP would "
+                f"get residual=None and the model would fail or be wrong. Keep layer {layer}'s attention, drop its "
+                f"whole block, or use --format llm-drop")
+    return None
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS + ("auto",):
+        raise UserError(f"--format: expected one of {', '.join(FORMATS + ('auto',))}, got {fmt!r}")
+
+
+def choose_format(fmt: str, plan) -> str:
+    """``fmt``, or for "auto" Nemotron-NAS unless it cannot express the plan (then LLM-Drop)."""
+    _check_format(fmt)
+    if fmt == "auto":
+        return "llm-drop" if nemotron_nas_obstacle(plan) else "nemotron-nas"
+    return fmt
+
+
 def _exported_config(fmt: str, raw: dict, config, plan, where_plan: dict) -> tuple[dict, list[str]]:
     """The config.json to write, and notes for stderr."""
     notes = []
@@ -96,18 +126,9 @@ def _exported_config(fmt: str, raw: dict, config, plan, where_plan: dict) -> tup
         base["drop_mlp_list"] = sorted(plan.drop_mlp)
         base[PLAN_KEY] = where_plan
         return base, notes
-    # nemotron-nas
-    if not plan.kept_attention:
-        raise UserError("--format nemotron-nas: the plan drops every attention sublayer; vLLM takes the number of KV "
-                        "heads from the first kept attention block (NemotronNasModelArchConfigConvertor) and fails")
-    first_kept = next(("attention" if l not in plan.drop_attention else "mlp")
-                      for l in range(L) if l not in plan.drop_attention or l not in plan.drop_mlp)
-    if first_kept == "mlp":
-        layer = next(l for l in range(L) if l not in plan.drop_attention or l not in plan.drop_mlp)
-        raise UserError(f"--format nemotron-nas: the first kept sublayer is layer {layer}'s MLP (attention dropped "
-                        f"before it); vLLM's DeciLMDecoderLayer.forward only starts the residual stream in a kept "
-                        f"attention, so its MLP would get residual=None and the model would fail or be wrong. "
-                        f"Keep layer {layer}'s attention, drop its whole block, or use --format llm-drop")
+    obstacle = nemotron_nas_obstacle(plan)
+    if obstacle:
+        raise UserError(f"--format nemotron-nas: {obstacle}")
     H, heads = config.hidden_size, config.num_heads
     mult = intermediate_size_to_ffn_mult(config.intermediate_size, H)
     if mult is None and plan.kept_mlp:
@@ -207,14 +228,13 @@ LLM-Drop's own code was not run where this was exported.
     return head + body
 
 
-def _write_tensors(reader, shapes: dict, out: Path, shard_size: int, progress: bool) -> int:
+def _write_tensors(tensors: dict, out: Path, shard_size: int, progress: bool) -> int:
+    """Safetensors shards of at most ``shard_size`` bytes (an index when more than one); bytes written."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    names = list(shapes)
     shards, cur, cur_bytes = [], [], 0
-    for name in names:
-        t = reader._tensor(name, shapes[name])
+    for name, t in tensors.items():
         n = t.numel() * t.element_size()
         if cur and cur_bytes + n > shard_size:
             shards.append(cur)
@@ -224,10 +244,10 @@ def _write_tensors(reader, shapes: dict, out: Path, shard_size: int, progress: b
     if cur:
         shards.append(cur)
     total, weight_map = 0, {}
-    bar = tqdm(total=sum(len(s) for s in shards), desc="export", unit="tensor", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=len(tensors), desc="export", unit="tensor", disable=not progress, file=sys.stderr)
     for k, shard in enumerate(shards):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: t.contiguous() for n, t in shard}, str(out / fname), metadata={"format": "pt"})
+        save_file({n: t.detach().cpu().contiguous() for n, t in shard}, str(out / fname), metadata={"format": "pt"})
         for n, t in shard:
             weight_map[n] = fname
             total += t.numel() * t.element_size()
@@ -239,91 +259,110 @@ def _write_tensors(reader, shapes: dict, out: Path, shard_size: int, progress: b
     return total
 
 
-def export(model, plan, fmt: str, out, force: bool = False, shard_size="2GB", progress: bool = True,
-           log=None) -> dict:
-    """Export; returns {"written": bytes, "full": bytes, "files": [...], "notes": [...]}.
-    Notes and the byte counts go to ``log`` (default: stderr)."""
-    log = log or sys.stderr
-    from model.config import load_config
-    from model.default_model import resolve_model
-    from model.weights import CheckpointReader
-    from runtime.compile import compile_plan, needed_tensors
-    from runtime.plan import load_plan
+def write_checkpoint(tensors: dict, source_dir, plan, out, *, fmt: str = "auto", force: bool = False,
+                     extra_source: dict | None = None, progress: bool = True, shard_size="2GB", log=None) -> dict:
+    """Write a plan-dropped checkpoint directory ``out`` from in-memory ``tensors`` (name -> tensor, exactly
+    the kept tensors of ``plan`` on the checkpoint ``source_dir``, any dtype/device), atomically.
 
-    if fmt not in FORMATS:
-        raise UserError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
-    if plan is None:
-        raise UserError("--plan: required (a plan JSON path or a preset name)")
+    The config is ``source_dir``'s in ``fmt`` ("auto": Nemotron-NAS, or LLM-Drop where Nemotron-NAS cannot
+    express the plan) with the plan recorded (``extra_source`` merged into its ``source``), plus the
+    tokenizer files and a README. ``source_dir`` and a plan file are inputs: ``out`` may not touch them.
+    Returns {"written": bytes, "full": bytes, "format": fmt, "files": [...], "notes": [...]}.
+    """
+    log = log or sys.stderr
+    from model.atomic import install_dir
+    from model.config import load_config
+    from runtime.schedule import compile_plan, needed_tensors
+    from runtime.plan import load_plan, plan_file
+
     limit = parse_size(shard_size)
-    src = resolve_model(model, show_progress=progress)
-    out = Path(out).expanduser().resolve()
-    if out == src or out in src.parents:
-        raise UserError(f"--out: {out} is (or contains) the source checkpoint {src}")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out: {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(f"--out: {out} is not empty; pass --force to replace it")
+    src = Path(source_dir).expanduser().resolve()
+    target = Path(out).expanduser().resolve()
     config = load_config(src)
     if config.carried_plan is not None:
-        raise UserError(f"--model: {src} already carries a plan (a {fmt}-style export?); export from the original checkpoint")
-    raw = read_json(src / "config.json")
+        raise UserError(f"--model: {src} already carries a plan (an exported checkpoint?); "
+                        f"export from the original checkpoint")
     resolved = load_plan(plan, config.num_layers)
-    schedule = compile_plan(resolved, config)
-    shapes = needed_tensors(schedule.steps, config)
+    fmt = choose_format(fmt, resolved)
+    shapes = needed_tensors(compile_plan(resolved, config).steps, config)
+    if set(tensors) != set(shapes):
+        raise ValueError(f"write_checkpoint: tensors must be exactly the plan's kept ones; missing "
+                         f"{sorted(set(shapes) - set(tensors))[:3]}, unexpected {sorted(set(tensors) - set(shapes))[:3]}")
+    bad = [n for n, t in tensors.items() if tuple(t.shape) != tuple(shapes[n])]
+    if bad:
+        raise ValueError(f"write_checkpoint: tensor {bad[0]!r} has shape {list(tensors[bad[0]].shape)}, "
+                         f"expected {list(shapes[bad[0]])}")
     full_shapes = needed_tensors(compile_plan(load_plan(None, config.num_layers), config).steps, config)
     plan_record = {"version": 1, "name": resolved.name,
                    "drop": {"attention": sorted(resolved.drop_attention), "mlp": sorted(resolved.drop_mlp)},
-                   "source": {"tool": "tools.export", "format": fmt, "spec": resolved.spec}}
-    new_config, notes = _exported_config(fmt, raw, config, resolved, plan_record)
+                   "source": {"tool": "tools.export", "format": fmt, "spec": resolved.spec, **(extra_source or {})}}
+    new_config, notes = _exported_config(fmt, read_json(src / "config.json"), config, resolved, plan_record)
     for n in notes:
         print(n, file=log)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        reader = CheckpointReader(src)
-        try:
-            written = _write_tensors(reader, shapes, tmp, limit, progress)
-            first = next(iter(shapes))
-            elem = reader._tensor(first, shapes[first]).element_size()  # checkpoints store one dtype
-            full = sum(math.prod(shape) for shape in full_shapes.values()) * elem
-        finally:
-            reader.close()
+    ordered = {name: tensors[name] for name in shapes}
+    elem = next(iter(ordered.values())).element_size()  # checkpoints store one dtype
+    full = sum(math.prod(shape) for shape in full_shapes.values()) * elem
+    with install_dir(out, replace=force, inputs=[src, plan_file(plan)]) as tmp:
+        written = _write_tensors(ordered, tmp, limit, progress)
         (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
         if fmt == "nemotron-nas":
             (tmp / "configuration_decilm.py").write_text(CONFIGURATION_DECILM)
         for f in TOKENIZER_FILES:
             if (src / f).is_file():
-                shutil.copy2(src / f, tmp / f)
-        (tmp / "README.md").write_text(_readme(fmt, out.name, resolved, written, full, notes))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                shutil.copyfile(src / f, tmp / f)
+        (tmp / "README.md").write_text(_readme(fmt, target.name, resolved, written, full, notes))
+        files = sorted(p.name for p in tmp.iterdir() if p.name != ".sublayer-lock")
     print(f"plan: {resolved.describe()}", file=log)
+    print(f"format: {fmt}", file=log)
     print(f"weights written: {_mib(written)} ({written} bytes; full checkpoint {_mib(full)}, {full} bytes; "
           f"{100 * written / full:.1f}%)", file=log)
-    print(f"wrote {out}", file=log)
-    return {"written": written, "full": full, "files": sorted(p.name for p in out.iterdir()), "notes": notes}
+    print(f"wrote {target}", file=log)
+    return {"written": written, "full": full, "format": fmt, "files": files, "notes": notes}
 
 
+def export(model, plan, fmt: str, out, force: bool = False, shard_size="2GB", progress: bool = True,
+           log=None) -> dict:
+    """Export ``model`` under ``plan`` as ``fmt`` into ``out`` (see ``write_checkpoint``, which this reads
+    the kept tensors for, memory-mapped)."""
+    from model.atomic import check_out_path
+    from model.config import load_config
+    from model.default_model import resolve_model
+    from model.weights import CheckpointReader
+    from runtime.schedule import compile_plan, needed_tensors
+    from runtime.plan import load_plan, plan_file
+
+    _check_format(fmt)
+    if plan is None:
+        raise UserError("--plan: required (a plan JSON path or a preset name)")
+    parse_size(shard_size)
+    src = resolve_model(model, show_progress=progress)
+    check_out_path(out, [src, plan_file(plan)])
+    config = load_config(src)
+    shapes = needed_tensors(compile_plan(load_plan(plan, config.num_layers), config).steps, config)
+    reader = CheckpointReader(src)
+    try:
+        tensors = {name: reader.mapped(name, shape) for name, shape in shapes.items()}
+        return write_checkpoint(tensors, src, plan, out, fmt=fmt, force=force, progress=progress,
+                                shard_size=shard_size, log=log)
+    finally:
+        reader.close()
+
+
+@cli_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint directory or smollm2-135m-instruct (default)")
     p.add_argument("--plan", required=True, help="plan JSON path or preset name")
-    p.add_argument("--format", required=True, help=f"one of: {', '.join(FORMATS)}")
-    p.add_argument("--out", required=True, help="output directory (must be empty or absent unless --force)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--format", default="auto", help=f"one of: {', '.join(FORMATS)}, auto (default: nemotron-nas "
+                   f"unless it cannot express the plan, then llm-drop)")
+    p.add_argument("--out", required=True, help="output directory (must be empty or absent unless --force); "
+                   "never an input, inside one or containing one")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out once the new one is complete")
     p.add_argument("--shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
     args = p.parse_args(argv)
-    try:
-        export(args.model, args.plan, args.format, args.out, force=args.force, shard_size=args.shard_size)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    export(args.model, args.plan, args.format, args.out, force=args.force, shard_size=args.shard_size)
     return 0
 
 

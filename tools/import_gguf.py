@@ -3,7 +3,9 @@
     python -m tools.import_gguf GGUF_PATH --out DIR [--force]
 
 Writes config.json, model.safetensors (float32), generation_config.json and the tokenizer files.
-DIR must be missing or empty unless --force; it is replaced only once the import has finished.
+DIR must be missing or empty unless --force; it is replaced only once the import has finished (the
+old DIR moved aside, the new one renamed in, the old one removed). DIR may not be, contain or sit
+inside the GGUF's location. Modes follow the umask; temporaries of killed runs are removed.
 """
 
 from __future__ import annotations
@@ -12,29 +14,23 @@ import argparse
 import sys
 from pathlib import Path
 
-from model.errors import UserError
+from model.errors import cli_main
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.import_gguf", description=__doc__.splitlines()[0])
     parser.add_argument("gguf", type=Path, metavar="GGUF_PATH", help="the .gguf file (architecture llama)")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="checkpoint directory to write")
-    parser.add_argument("--force", action="store_true", help="replace DIR if it exists and is not empty")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
+                        help="checkpoint directory to write (never the GGUF's own directory or one around it)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace DIR if it exists and is not empty, once the new one is complete")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
-    try:
-        out = args.out.expanduser()
-        if out.exists() and not out.is_dir():
-            raise UserError(f"{out}: exists and is not a directory")
-        if out.is_dir() and any(out.iterdir()) and not args.force:
-            raise UserError(f"{out}: already exists and is not empty (pass --force to replace it)")
-        from model.gguf import import_gguf
+    from model.gguf import import_gguf
 
-        path = import_gguf(args.gguf, out, show_progress=not args.quiet, overwrite=args.force)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    path = import_gguf(args.gguf, args.out, show_progress=not args.quiet, overwrite=args.force)
     print(f"wrote {path}", file=sys.stderr)
     return 0
 

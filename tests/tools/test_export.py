@@ -11,7 +11,7 @@ import runtime
 from model.config import load_config
 from model.errors import UserError
 from model.formats import ffn_mult_to_intermediate_size
-from runtime.compile import compile_plan, needed_tensors
+from runtime.schedule import compile_plan, needed_tensors
 from runtime.plan import load_plan
 from tests.models import STORIES
 from tools.export import export, main
@@ -148,22 +148,22 @@ def test_errors(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "x").write_text("x")
-    with pytest.raises(UserError, match="not empty; pass --force"):
+    with pytest.raises(UserError, match=r"out: already exists and is not empty \(pass --force"):
         export(str(STORIES), "attn66", "llm-drop", out, progress=False)
-    with pytest.raises(UserError, match="--format: expected one of nemotron-nas, llm-drop"):
+    with pytest.raises(UserError, match="--format: expected one of nemotron-nas, llm-drop, auto"):
         export(str(STORIES), "attn66", "gguf", tmp_path / "o2", progress=False)
     with pytest.raises(UserError, match=r"'drop.attention' has layer 7, expected 0..4"):
         export(str(STORIES), {"version": 1, "drop": {"attention": [7]}}, "llm-drop", tmp_path / "o3", progress=False)
     with pytest.raises(UserError, match="first kept sublayer is layer 0's MLP"):
         export(str(STORIES), MIXED0, "nemotron-nas", tmp_path / "o4", progress=False)
-    with pytest.raises(UserError, match="is \\(or contains\\) the source"):
+    with pytest.raises(UserError, match="the output directory is the input"):
         export(str(STORIES), "attn66", "llm-drop", STORIES, force=True, progress=False)
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o4").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
     # CLI: "error: ..." on stderr, exit 2, no traceback; --force replaces
     assert main(["--model", str(STORIES), "--plan", "attn66", "--format", "llm-drop", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --out:") and "Traceback" not in err
+    assert err.startswith(f"error: {out}: already exists") and "Traceback" not in err
     assert main(["--model", str(STORIES), "--plan", "attn66", "--format", "llm-drop", "--out", str(out), "--force"]) == 0
     assert "weights written:" in capsys.readouterr().err and not (out / "x").exists()
     # a checkpoint that carries a plan refuses another one; generate needs no --plan
