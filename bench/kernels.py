@@ -1,26 +1,20 @@
 """Kernel benchmark: achieved GB/s of each Triton kernel next to torch eager (the references)
 and the card's measured copy bandwidth.
 
-    python bench/kernels.py [--dtype bfloat16] [--model llama3-8b]
+    python -m bench.kernels [--dtype bfloat16] [--model llama3-8b]
 
 Bytes counted are the bytes an ideal kernel must move (read + written). Times are medians of
 triton.testing.do_bench. Needs CUDA.
 """
 
 import argparse
-import importlib
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-SHAPES = {  # hidden, q heads, kv heads, head dim, intermediate
-    "llama3-8b": (4096, 32, 8, 128, 14336),
-    "llama2-7b": (4096, 32, 32, 128, 11008),
-    "smollm2-135m": (576, 9, 3, 64, 1536),
-}
+from bench.latency import copy_bandwidth
+from kernels import activation as swi, attention_decode as dec, attention_prefill as pre, rmsnorm as rms, rotary as rot
+from model.shapes import SHAPES, shape_config
 
 
 def bench(fn):
@@ -29,19 +23,10 @@ def bench(fn):
     return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e-3  # seconds
 
 
-def copy_bandwidth() -> float:
-    src = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")  # 256 MiB, far beyond L2
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / bench(lambda: dst.copy_(src))
-
-
 def cases(model: str, dtype: torch.dtype, batch: int, prompt: int, context: int, cache_len: int):
     """(name, triton call, torch eager call, bytes moved) per kernel and phase."""
-    # Modules by name: the package re-exports the function `swiglu` over the module `kernels.swiglu`.
-    rms, swi, rot, pre, dec = (importlib.import_module(f"kernels.{m}") for m in
-                               ("rmsnorm", "swiglu", "rotary", "attention_prefill", "attention_decode"))
-
-    H, Hq, Hkv, D, I = SHAPES[model]
+    c = shape_config(model)
+    H, Hq, Hkv, D, I = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
     e = torch.empty((), dtype=dtype).element_size()
     dev = dict(device="cuda", dtype=dtype)
     out = []
@@ -92,9 +77,9 @@ def main():
     ap.add_argument("--cache-len", type=int, default=4096, help="static KV cache length")
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("bench/kernels.py needs a CUDA GPU (Triton kernels do not run natively on CPU); none found.")
+        sys.exit("bench.kernels needs a CUDA GPU (Triton kernels do not run natively on CPU); none found.")
     dtype = getattr(torch, args.dtype)
-    peak = copy_bandwidth()
+    peak = copy_bandwidth("cuda")
     print(f"device: {torch.cuda.get_device_name()}; model shapes: {args.model}; dtype: {args.dtype}")
     print(f"copy bandwidth (read + write of 256 MiB): {peak / 1e9:.1f} GB/s")
     print(f"{'kernel':48s} {'bytes':>10s} {'triton':>22s} {'torch eager':>22s} {'speedup':>8s}")

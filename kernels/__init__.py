@@ -4,7 +4,7 @@ from kernels.attention_decode import decode_attention
 from kernels.attention_prefill import prefill_attention
 from kernels.rmsnorm import add_rmsnorm
 from kernels.rotary import rope_inv_freq, rope_tables, rotary_write_kv
-from kernels.swiglu import swiglu
+from kernels.activation import swiglu
 
 __all__ = ["add_rmsnorm", "decode_attention", "prefill_attention", "rope_inv_freq", "rope_tables",
            "rotary_write_kv", "swiglu"]

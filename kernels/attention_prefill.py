@@ -5,7 +5,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import LAUNCH_OPTIONS, use_triton
+from kernels.dispatch import launch, use_triton
+from kernels.online_softmax import attend_key_range
 
 
 def prefill_mask(T: int, q_start: int, kv_start: torch.Tensor, n_keys: int) -> torch.Tensor:
@@ -51,14 +52,14 @@ def _prefill_attention_kernel(
     q_start, qk_scale,  # cache index of q[:, 0]; softmax scale * log2(e)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # Program (m, b * Hq + h): queries m*BLOCK_M .. m*BLOCK_M+BLOCK_M-1 of head h in row b.
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # Program (b * Hq + h, m): queries m*BLOCK_M .. m*BLOCK_M+BLOCK_M-1 of head h in row b. B*Hq is on
+    # grid axis 0 (up to 2^31 - 1 programs; axes 1 and 2 stop at 65535).
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     b = (pid_bh // HQ).to(tl.int64)
     h = pid_bh % HQ
     hk = h // GROUP  # GQA: the KV head this query head reads, shared, never copied
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)  # padded to >= 16 for tl.dot; masked beyond D
     d_mask = offs_d < D
 
@@ -72,37 +73,15 @@ def _prefill_attention_kernel(
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
     q = tl.load(q_ptrs, mask=(offs_m[:, None] < T) & d_mask[None, :], other=0.0)
 
-    # Keys this tile needs: from the smallest first_key (aligned down to BLOCK_N) to its last query.
+    # Keys someone in the tile may see: from the smallest first_key to the tile's last query.
     lo = tl.minimum(kv_lo, q_start + pid_m * BLOCK_M)
     hi = tl.minimum(q_start + (pid_m + 1) * BLOCK_M, q_start + T)
-    start = (lo // BLOCK_N) * BLOCK_N
-    k_base = K_CACHE + b * stride_kb + hk * stride_kh
-    v_base = V_CACHE + b * stride_vb + hk * stride_vh
-
-    # Online softmax state (base 2): running max, running sum, unnormalised output.
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(start, hi, BLOCK_N):
-        keys = start_n + offs_n
-        # Load only keys someone in the tile may see (others read as 0, never NaN from the cache).
-        kv_mask = (keys >= lo) & (keys < hi)
-        k = tl.load(k_base + keys[None, :] * stride_ks + offs_d[:, None],
-                    mask=kv_mask[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        # Scores, with the causal + left-padding mask.
-        qk = tl.dot(q, k, input_precision="ieee") * qk_scale
-        seen = (keys[None, :] <= q_idx[:, None]) & (keys[None, :] >= first_key[:, None])
-        qk = tl.where(seen, qk, float("-inf"))
-        # Online softmax update; a row that has seen nothing yet keeps max -inf and adds nothing.
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + keys[:, None] * stride_vs + offs_d[None, :],
-                    mask=kv_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        m_i = m_new
+    acc, m_i, l_i = attend_key_range(
+        acc, m_i, l_i, q, K_CACHE + b * stride_kb + hk * stride_kh, V_CACHE + b * stride_vb + hk * stride_vh,
+        stride_ks, stride_vs, lo, hi, first_key, q_idx, qk_scale, offs_d, d_mask, BLOCK_N)
 
     # Normalise and store (rows past T are padding of the tile and not stored).
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
@@ -127,6 +106,11 @@ def prefill_config(T: int, head_dim: int, dtype: torch.dtype) -> dict:
             "num_warps": num_warps, "num_stages": num_stages}
 
 
+def prefill_grid(B: int, T: int, Hq: int, cfg: dict) -> tuple[int, int]:
+    """(B * Hq, query tiles): the long axis first, as CUDA allows 2^31 - 1 programs there, 65535 on the others."""
+    return (B * Hq, triton.cdiv(T, cfg["BLOCK_M"]))
+
+
 def prefill_attention_triton(q, k_cache, v_cache, q_start, kv_start, scale):
     B, T, Hq, D = q.shape
     Hkv = k_cache.shape[1]
@@ -137,15 +121,13 @@ def prefill_attention_triton(q, k_cache, v_cache, q_start, kv_start, scale):
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     out = torch.empty((B, T, Hq, D), dtype=q.dtype, device=q.device)
     cfg = prefill_config(T, D, q.dtype)
-    grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * Hq)
-    _prefill_attention_kernel[grid](
-        q, k_cache, v_cache, kv_start, out,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        T, Hq, Hq // Hkv, D, int(q_start), float(scale) * 1.4426950408889634,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **LAUNCH_OPTIONS,
-    )
+    launch(_prefill_attention_kernel, prefill_grid(B, T, Hq, cfg), q.device,
+           q, k_cache, v_cache, kv_start, out,
+           q.stride(0), q.stride(1), q.stride(2),
+           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+           v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+           out.stride(0), out.stride(1), out.stride(2),
+           T, Hq, Hq // Hkv, D, int(q_start), float(scale) * 1.4426950408889634,
+           BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import LAUNCH_OPTIONS, use_triton
+from kernels.dispatch import launch, use_triton
 
 
 def add_rmsnorm_reference(x, residual, weight, eps):
@@ -78,11 +78,10 @@ def add_rmsnorm_triton(x, residual, weight, eps):
         x2, r_out = r2, r2  # unused by the kernel; the residual passes through unchanged
     y = torch.empty(r2.shape, dtype=torch.promote_types(weight.dtype, residual.dtype), device=r2.device)
     cfg = add_rmsnorm_config(H, residual.dtype)
-    _add_rmsnorm_kernel[(r2.shape[0],)](
-        x2, r2, weight, r_out, y,
-        x2.stride(0), r2.stride(0), r_out.stride(0), y.stride(0),
-        H, float(eps),
-        HAS_X=x is not None, BLOCK_H=cfg["BLOCK_H"], num_warps=cfg["num_warps"], **LAUNCH_OPTIONS,
-    )
+    launch(_add_rmsnorm_kernel, (r2.shape[0],), r2.device,
+           x2, r2, weight, r_out, y,
+           x2.stride(0), r2.stride(0), r_out.stride(0), y.stride(0),
+           H, float(eps),
+           HAS_X=x is not None, BLOCK_H=cfg["BLOCK_H"], num_warps=cfg["num_warps"])
     new_residual = r_out.view(residual.shape) if x is not None else residual
     return new_residual, y.view(residual.shape)

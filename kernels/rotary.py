@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import LAUNCH_OPTIONS, use_triton
+from kernels.dispatch import launch, use_triton
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
@@ -60,10 +60,18 @@ def rotary_write_kv_reference(q, k, v, cos, sin, positions, k_cache, v_cache, ca
     q_rot = q * c + _rotate_half(q) * s
     k_rot = k * c + _rotate_half(k) * s
     T = q.shape[1]
-    cache_start = int(cache_start)  # a 0-d tensor is accepted too (see rotary_write_kv_triton)
+    cache_start = int(cache_start)  # a 1-element tensor is accepted too (see rotary_write_kv_triton)
+    check_write_window(cache_start, T, k_cache.shape[2])
     k_cache[:, :, cache_start:cache_start + T] = k_rot.transpose(1, 2)
     v_cache[:, :, cache_start:cache_start + T] = v.transpose(1, 2)
     return q_rot
+
+
+def check_write_window(cache_start: int, T: int, S: int):
+    """IndexError unless cache indices cache_start .. cache_start+T-1 lie in a cache of S positions."""
+    if not 0 <= cache_start <= S - T:
+        raise IndexError(f"KV-cache write at indices {cache_start}..{cache_start + T - 1} is outside the cache "
+                         f"(0..{S - 1})")
 
 
 def rotary_write_kv(q, k, v, cos, sin, positions, k_cache, v_cache, cache_start: int):
@@ -72,7 +80,7 @@ def rotary_write_kv(q, k, v, cos, sin, positions, k_cache, v_cache, cache_start:
     return rotary_write_kv_reference(q, k, v, cos, sin, positions, k_cache, v_cache, cache_start)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["START", "S"])  # one compiled kernel for every cache index and length
 def _rotary_write_kv_kernel(
     Q, K, V, COS, SIN, POS, Q_OUT, K_CACHE, V_CACHE, START,
     stride_qb, stride_qt, stride_qh,  # q: [B, T, Hq, D], unit stride along D (same for the others)
@@ -81,7 +89,7 @@ def _rotary_write_kv_kernel(
     stride_cos, stride_pb, stride_pt,  # cos/sin rows; positions [B, T]
     stride_ob, stride_ot, stride_oh,  # rotated q out: [B, T, Hq, D]
     stride_cb, stride_ch, stride_cs,  # caches: [B, Hkv, S, D] (k_cache and v_cache share strides)
-    T, HQ, HKV, D,
+    T, HQ, HKV, D, S,  # S: cache positions; writes outside 0..S-1 are dropped, never made
     START_IS_PTR: tl.constexpr,  # START is a pointer to the cache index (CUDA-graph friendly) or an int
     BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -122,14 +130,17 @@ def _rotary_write_kv_kernel(
     k_ptr = K + b * stride_kb + t * stride_kt + hk * stride_kh + dh[None, :]
     k1 = tl.load(k_ptr, mask=mk, other=0.0)
     k2 = tl.load(k_ptr + half, mask=mk, other=0.0)
-    cache_row = b * stride_cb + hk * stride_ch + (start + t).to(tl.int64) * stride_cs
+    slot = start + t + 0 * hk  # [BLOCK_HKV, 1]: the cache index, shaped like the heads
+    in_cache = (slot >= 0) & (slot < S)
+    mk = mk & in_cache
+    cache_row = b * stride_cb + hk * stride_ch + slot.to(tl.int64) * stride_cs
     kc_ptr = K_CACHE + cache_row + dh[None, :]
     tl.store(kc_ptr, k1 * c1 - k2 * s1, mask=mk)
     tl.store(kc_ptr + half, k2 * c2 + k1 * s2, mask=mk)
 
     # v: copied into the cache unchanged.
     d = tl.arange(0, BLOCK_D)[None, :]
-    mv = (hk < HKV) & (d < D)
+    mv = (hk < HKV) & (d < D) & in_cache
     v = tl.load(V + b * stride_vb + t * stride_vt + hk * stride_vh + d, mask=mv)
     tl.store(V_CACHE + cache_row + d, v, mask=mv)
 
@@ -152,27 +163,32 @@ def _unit_last(t):
 
 def rotary_write_kv_triton(q, k, v, cos, sin, positions, k_cache, v_cache, cache_start):
     """As the reference. ``cache_start`` may also be a 1-element integer tensor on q's device, read
-    by the kernel itself, so that a CUDA graph of the decode step can advance it without re-capture."""
+    by the kernel itself, so that a CUDA graph of the decode step can advance it without re-capture.
+    A Python int is checked here (IndexError, as the reference); a device tensor cannot be without a
+    host sync: the caller checks the index before writing it into that tensor (the engine knows it
+    as an int), and the kernel drops any write outside the cache rather than corrupt memory."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
+    S = k_cache.shape[2]
     assert D % 2 == 0, "rotary needs an even head dim"
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
     assert cos.stride() == sin.stride() and cos.stride(-1) == 1
+    start_is_ptr = isinstance(cache_start, torch.Tensor)
+    if not start_is_ptr:
+        check_write_window(cache_start, T, S)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     q_out = torch.empty((B, T, Hq, D), dtype=q.dtype, device=q.device)
-    start_is_ptr = isinstance(cache_start, torch.Tensor)
     cfg = rotary_config(Hq, Hkv, D)
-    _rotary_write_kv_kernel[(B * T,)](
-        q, k, v, cos, sin, positions, q_out, k_cache, v_cache, cache_start,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        cos.stride(0), positions.stride(0), positions.stride(1),
-        q_out.stride(0), q_out.stride(1), q_out.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        T, Hq, Hkv, D,
-        START_IS_PTR=start_is_ptr,
-        BLOCK_HQ=cfg["BLOCK_HQ"], BLOCK_HKV=cfg["BLOCK_HKV"], BLOCK_HALF=cfg["BLOCK_HALF"],
-        BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], **LAUNCH_OPTIONS,
-    )
+    launch(_rotary_write_kv_kernel, (B * T,), q.device,
+           q, k, v, cos, sin, positions, q_out, k_cache, v_cache, cache_start,
+           q.stride(0), q.stride(1), q.stride(2),
+           k.stride(0), k.stride(1), k.stride(2),
+           v.stride(0), v.stride(1), v.stride(2),
+           cos.stride(0), positions.stride(0), positions.stride(1),
+           q_out.stride(0), q_out.stride(1), q_out.stride(2),
+           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+           T, Hq, Hkv, D, S,
+           START_IS_PTR=start_is_ptr,
+           BLOCK_HQ=cfg["BLOCK_HQ"], BLOCK_HKV=cfg["BLOCK_HKV"], BLOCK_HALF=cfg["BLOCK_HALF"],
+           BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
     return q_out

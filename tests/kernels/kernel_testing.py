@@ -40,16 +40,18 @@ def randn(*shape, dtype, gen):
 
 @contextlib.contextmanager
 def triton_path():
-    """Run the dispatch's Triton path (SUBLAYER_TRITON=1), with torch.empty / empty_like returning
-    NaN-filled floating tensors, so that an output element a kernel forgets to write shows up as
-    NaN instead of as whatever the allocator left there."""
+    """Run the dispatch's Triton path (CUDA tensors take it anyway; on CPU, SUBLAYER_TRITON=1 under the
+    interpreter), with torch.empty / empty_like returning NaN-filled floating tensors, so that an
+    output element a kernel forgets to write shows up as NaN instead of as whatever the allocator
+    left there."""
     empty, empty_like = torch.empty, torch.empty_like
 
     def nan_fill(t):
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SUBLAYER_TRITON", "1")
+        if DEVICE == "cpu":  # never with CUDA present: compiled Triton must not get CPU tensors
+            mp.setenv("SUBLAYER_TRITON", "1")
         mp.setattr(torch, "empty", lambda *a, **k: nan_fill(empty(*a, **k)))
         mp.setattr(torch, "empty_like", lambda *a, **k: nan_fill(empty_like(*a, **k)))
         yield

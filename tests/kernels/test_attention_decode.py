@@ -9,6 +9,7 @@ from kernels.attention_decode import decode_attention_reference, decode_config
 from tests.kernels.kernel_testing import (
     ATTENTION_TOL, DEVICE, DTYPES, RANDOM_SHAPES, assert_close, randn, triton_path,
 )
+from tests.kernels.launches import MODELS, jit_cache_key, model_launches
 
 
 def check_decode(B, Hq, Hkv, D, S, kv_start, kv_end, dtype, seed=0):
@@ -40,6 +41,7 @@ CASES = [
     (2, 8, 1, 16, 300, [0, 250], [257, 299]),     # GQA 8, several slices, padding spans slices
     (1, 2, 2, 24, 65, [64], [65]),                # head dim 24; the only key is the cache's last
     (1, 128, 128, 8, 200, [1], [190]),            # many KV heads: 2 slices of several blocks each
+    (1, 2, 1, 16, 2600, [40], [2590]),            # one KV head: 41-82 slices, merged 16 at a time
 ]
 
 
@@ -62,8 +64,21 @@ def test_decode_attention_random_shapes(B, Hkv, group, D, S, dtype, data):
 def test_decode_config_splits_static_cache():
     # Llama-3-8B, batch 1, 4096 positions: 32 slices of 128 keys (2 blocks each) per KV head.
     cfg = decode_config(1, 8, 4, 4096, 128, torch.bfloat16)
-    assert (cfg["NUM_SPLITS"], cfg["SPLIT_LEN"], cfg["BLOCK_G"], cfg["BLOCK_D"]) == (32, 128, 16, 128)
+    assert (cfg["num_splits"], cfg["split_len"], cfg["BLOCK_G"], cfg["BLOCK_D"]) == (32, 128, 16, 128)
     for B, Hkv, S in [(1, 1, 1), (3, 3, 77), (64, 32, 4096), (1, 8, 100000)]:
         cfg = decode_config(B, Hkv, 1, S, 64, torch.float16)
-        assert cfg["SPLIT_LEN"] % cfg["BLOCK_N"] == 0
-        assert (cfg["NUM_SPLITS"] - 1) * cfg["SPLIT_LEN"] < S <= cfg["NUM_SPLITS"] * cfg["SPLIT_LEN"]
+        assert cfg["split_len"] % cfg["BLOCK_N"] == 0
+        assert (cfg["num_splits"] - 1) * cfg["split_len"] < S <= cfg["num_splits"] * cfg["split_len"]
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m", "llama3-8b", "stories260k"])
+def test_one_compilation_serves_every_cache_length(model):
+    """Every kernel of a decode step, over cache lengths 1..4096: the keys Triton's JIT caches compiled
+    kernels under. One per kernel; two where head_dim < 16 (a cache stride S * head_dim is then a
+    multiple of 16 only for some S, and Triton specialises pointer strides on that)."""
+    keys = {}
+    for S in range(1, 4097, 13):
+        for launch in model_launches(model, torch.float16, cache_len=S, phases=("decode",)):
+            keys.setdefault(launch.what, set()).add(jit_cache_key(launch))
+    allowed = 2 if MODELS[model]["head_dim"] < 16 else 1
+    assert len(keys) == 7 and all(len(k) <= allowed for k in keys.values()), {w: len(k) for w, k in keys.items()}

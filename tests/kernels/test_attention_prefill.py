@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import kernels
-from kernels.attention_prefill import prefill_attention_reference, prefill_config
+from kernels.attention_prefill import prefill_attention_reference, prefill_config, prefill_grid
 from tests.kernels.kernel_testing import (
     ATTENTION_TOL, DEVICE, DTYPES, RANDOM_SHAPES, assert_close, randn, triton_path,
 )
@@ -69,3 +69,21 @@ def test_prefill_config_pads_head_dim_for_tl_dot():
     assert prefill_config(512, 8, torch.float16)["BLOCK_D"] == 16
     assert prefill_config(512, 128, torch.bfloat16)["BLOCK_M"] == 128
     assert prefill_config(7, 64, torch.float16)["BLOCK_M"] == 16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("D,T", [(64, 130), (128, 300)])
+def test_production_tile_matches_reference(D, T, dtype):
+    """The tile every prefill of 65+ tokens takes (fp16/bf16: BLOCK_M 128, 8 warps; fp32: BLOCK_M 64),
+    at real head dims, with a ragged last tile, GQA 2 and left padding."""
+    cfg = prefill_config(T, D, dtype)
+    assert (cfg["BLOCK_M"], cfg["num_warps"]) == ((128, 8) if dtype == torch.float16 else (64, 8))
+    check_prefill(1, T, 2, 1, D, 0, [3], dtype, seed=D + T)
+
+
+def test_grid_puts_batch_times_heads_on_the_long_axis():
+    """CUDA allows 2^31 - 1 programs on grid axis 0, 65535 on the others."""
+    cfg = prefill_config(1024, 64, torch.bfloat16)
+    grid = prefill_grid(B=64, T=1024, Hq=2048, cfg=cfg)
+    assert grid == (64 * 2048, 8)
+    assert grid[0] < 2**31 and all(n <= 65535 for n in grid[1:])

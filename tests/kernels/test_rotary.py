@@ -69,3 +69,37 @@ def test_rotary_fused_qkv_views_llama3_scaling(start_as_tensor):
        fused=st.booleans(), seed=st.integers(0, 99))
 def test_rotary_random_shapes(B, T, Hkv, group, half, cache_start, dtype, fused, seed):
     check_rotary(B, T, Hkv * group, Hkv, 2 * half, cache_start, dtype, seed, fused_qkv=fused)
+
+
+@pytest.mark.parametrize("cache_start", [-1, 4, 9])
+def test_cache_write_outside_the_cache_raises_on_both_paths(cache_start):
+    """A Python-int write index is checked on the host: IndexError from the reference and the Triton path."""
+    q, k = torch.zeros(1, 2, 2, 8, device=DEVICE), torch.zeros(1, 2, 1, 8, device=DEVICE)
+    cos, sin = rope_tables(rope_inv_freq(8, 10000.0), 8, device=DEVICE)
+    pos = torch.zeros(1, 2, dtype=torch.long, device=DEVICE)
+    caches = [torch.zeros(1, 1, 5, 8, device=DEVICE) for _ in range(2)]
+    with pytest.raises(IndexError, match="outside the cache"):
+        rotary_write_kv_reference(q, k, k, cos, sin, pos, *caches, cache_start)
+    with triton_path(), pytest.raises(IndexError, match="outside the cache"):
+        kernels.rotary_write_kv(q, k, k, cos, sin, pos, *caches, cache_start)
+
+
+@pytest.mark.parametrize("cache_start", [-2, 4, 5, 100])
+def test_device_write_index_outside_the_cache_writes_nothing_out_of_bounds(cache_start):
+    """A device-tensor index (the CUDA-graph path) cannot be checked without a host sync: the kernel
+    drops the slots outside the cache. The caches are views into a NaN-poisoned buffer with guard
+    rows on both sides: those must stay NaN, and the in-cache slots of a window straddling the end
+    (start 4 of 5 positions) are still written."""
+    B, T, Hkv, S, D = 1, 2, 1, 5, 8
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (randn(B, T, h, D, dtype=torch.float32, gen=g) for h in (2, Hkv, Hkv))
+    cos, sin = rope_tables(rope_inv_freq(D, 10000.0), 8, device=DEVICE)
+    pos = torch.arange(T, device=DEVICE)[None]
+    buffers = [torch.full((B, Hkv, S + 200, D), float("nan"), device=DEVICE) for _ in range(2)]
+    kc, vc = (b[:, :, 100:100 + S] for b in buffers)
+    with triton_path():
+        kernels.rotary_write_kv(q, k, v, cos, sin, pos, kc, vc, torch.tensor([cache_start], device=DEVICE))
+    for b in buffers:
+        assert b[:, :, :100].isnan().all() and b[:, :, 100 + S:].isnan().all(), "wrote outside the cache"
+    inside = [i for i in range(cache_start, cache_start + T) if 0 <= i < S]
+    assert torch.equal(vc[0, 0, inside], v[0, [i - cache_start for i in inside], 0])

@@ -1,11 +1,11 @@
-"""SwiGLU on the fused gate/up projection: silu(gate) * up."""
+"""The MLP's activation: SwiGLU on the fused gate/up projection, silu(gate) * up."""
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import LAUNCH_OPTIONS, use_triton
+from kernels.dispatch import launch, use_triton
 
 
 def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
@@ -56,6 +56,6 @@ def swiglu_triton(gate_up):
     out = torch.empty((gu.shape[0], I), dtype=gate_up.dtype, device=gate_up.device)
     cfg = swiglu_config(I)
     grid = (gu.shape[0], triton.cdiv(I, cfg["BLOCK"]))
-    _swiglu_kernel[grid](gu, out, gu.stride(0), out.stride(0), I,
-                         BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"], **LAUNCH_OPTIONS)
+    launch(_swiglu_kernel, grid, gu.device, gu, out, gu.stride(0), out.stride(0), I,
+           BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
     return out.view(*gate_up.shape[:-1], I)

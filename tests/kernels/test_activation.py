@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import kernels
-from kernels.swiglu import swiglu_reference
+from kernels.activation import swiglu_reference
 from tests.kernels.kernel_testing import (
     DTYPES, ELEMENTWISE_TOL, RANDOM_SHAPES, assert_close, randn, triton_path,
 )
