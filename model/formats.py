@@ -17,6 +17,7 @@ returns the config unchanged and ``None`` for an ordinary Llama checkpoint.
 
 from pathlib import Path
 
+from model.config import LIMITS, check_int, check_number, check_str_list, check_type, shown
 from model.errors import UserError
 
 NEMOTRON_NAS = "nemotron-nas"
@@ -63,7 +64,7 @@ def checkpoint_plan(checkpoint_dir, raw_config: dict) -> tuple[dict, dict | None
     where = str(Path(checkpoint_dir) / "config.json")
     if not isinstance(raw_config, dict):
         raise UserError(f"{where}: expected a JSON object")
-    archs = raw_config.get("architectures") or []
+    archs = check_str_list(raw_config.get("architectures"), where, "architectures")
     if raw_config.get("model_type") == NEMOTRON_NAS or DECILM_ARCH in archs:
         return _nemotron_nas(raw_config, where)
     if "drop_attn_list" in raw_config or "drop_mlp_list" in raw_config:
@@ -71,20 +72,13 @@ def checkpoint_plan(checkpoint_dir, raw_config: dict) -> tuple[dict, dict | None
     return raw_config, None
 
 
-def _int_field(raw: dict, name: str, where: str) -> int:
-    v = raw.get(name)
-    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-        raise UserError(f"{where}: field '{name}' must be a positive integer, got {v!r}")
-    return v
-
-
 def _nemotron_nas(raw: dict, where: str) -> tuple[dict, dict | None]:
-    L = _int_field(raw, "num_hidden_layers", where)
-    hidden = _int_field(raw, "hidden_size", where)
-    heads = _int_field(raw, "num_attention_heads", where)
+    L = check_int(raw.get("num_hidden_layers"), where, "num_hidden_layers")
+    hidden = check_int(raw.get("hidden_size"), where, "hidden_size")
+    heads = check_int(raw.get("num_attention_heads"), where, "num_attention_heads")
     blocks = raw.get("block_configs")
     if not isinstance(blocks, list) or len(blocks) != L:
-        got = len(blocks) if isinstance(blocks, list) else repr(blocks)
+        got = len(blocks) if isinstance(blocks, list) else shown(blocks)
         raise UserError(f"{where}: field 'block_configs' must be a list of {L} entries (one per layer), got {got}")
     drop_attn, drop_mlp = [], []
     groups: dict[int, int] = {}   # layer -> n_heads_in_group of kept attention
@@ -94,11 +88,12 @@ def _nemotron_nas(raw: dict, where: str) -> tuple[dict, dict | None]:
             raise UserError(f"{where}: field 'block_configs[{i}]' must be an object with 'attention' and 'ffn' objects")
         attn, ffn = block["attention"], block["ffn"]
         for kind, sub in (("attention", attn), ("ffn", ffn)):
+            for key in ("replace_with_linear", "no_op"):
+                check_type(sub.get(key, False), (bool, type(None)), where, f"block_configs[{i}].{kind}.{key}",
+                           "true, false or null")
             if sub.get("replace_with_linear"):
                 raise UserError(f"{where}: field 'block_configs[{i}].{kind}.replace_with_linear' is true: "
                                 f"linear replacement sublayers are not supported (only no_op or a full sublayer)")
-            if not isinstance(sub.get("no_op", False), bool):
-                raise UserError(f"{where}: field 'block_configs[{i}].{kind}.no_op' must be true or false")
         if attn.get("no_op", False):
             drop_attn.append(i)
         else:
@@ -109,27 +104,28 @@ def _nemotron_nas(raw: dict, where: str) -> tuple[dict, dict | None]:
             g = attn.get("n_heads_in_group")
             if not isinstance(g, int) or isinstance(g, bool) or g <= 0 or heads % g:
                 raise UserError(f"{where}: field 'block_configs[{i}].attention.n_heads_in_group' must be a positive "
-                                f"divisor of num_attention_heads ({heads}), got {g!r}")
+                                f"divisor of num_attention_heads ({heads}), got {shown(g)}")
             groups[i] = g
         if ffn.get("no_op", False):
             drop_mlp.append(i)
         else:
             act = ffn.get("hidden_act", raw.get("hidden_act", "silu"))
             if act != "silu":
-                raise UserError(f"{where}: field 'block_configs[{i}].ffn.hidden_act' is {act!r}; expected 'silu'")
+                raise UserError(f"{where}: field 'block_configs[{i}].ffn.hidden_act' is {shown(act)}; expected 'silu'")
             if ffn.get("moe") is not None:
                 raise UserError(f"{where}: field 'block_configs[{i}].ffn.moe' is set; MoE FFNs are not supported")
             mult = ffn.get("ffn_mult")
             if mult is not None:
-                if not isinstance(mult, (int, float)) or isinstance(mult, bool) or mult <= 0:
-                    raise UserError(f"{where}: field 'block_configs[{i}].ffn.ffn_mult' must be a positive number, got {mult!r}")
+                mult = check_number(mult, where, f"block_configs[{i}].ffn.ffn_mult", 1e3)
                 sizes[i] = ffn_mult_to_intermediate_size(mult, hidden)
+                if sizes[i] > LIMITS["intermediate_size"]:
+                    raise UserError(f"{where}: field 'block_configs[{i}].ffn.ffn_mult' ({mult}) gives an FFN width of "
+                                    f"{sizes[i]}, above {LIMITS['intermediate_size']}")
+            elif ffn.get("intermediate_size") is None:
+                raise UserError(f"{where}: field 'block_configs[{i}].ffn' needs 'ffn_mult' or 'intermediate_size', "
+                                f"got {shown(ffn)}")
             else:
-                size = ffn.get("intermediate_size")
-                if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-                    raise UserError(f"{where}: field 'block_configs[{i}].ffn' needs 'ffn_mult' or a positive "
-                                    f"'intermediate_size', got {ffn!r}")
-                sizes[i] = size
+                sizes[i] = check_int(ffn["intermediate_size"], where, f"block_configs[{i}].ffn.intermediate_size")
     for what, field, values in (("attention", "attention.n_heads_in_group", groups),
                                 ("MLP", "ffn intermediate size (ffn_mult / intermediate_size)", sizes)):
         if len(set(values.values())) > 1:
@@ -152,7 +148,7 @@ def _drop_list(raw: dict, name: str, L: int, where: str) -> list[int]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise UserError(f"{where}: field '{name}' must be a list of layer indices or of {L} booleans, got {value!r}")
+        raise UserError(f"{where}: field '{name}' must be a list of layer indices or of {L} booleans, got {shown(value)}")
     if value and all(isinstance(v, bool) for v in value):
         if len(value) != L:
             raise UserError(f"{where}: field '{name}' is a list of {len(value)} booleans; expected one per layer ({L})")
@@ -160,7 +156,7 @@ def _drop_list(raw: dict, name: str, L: int, where: str) -> list[int]:
     ids = []
     for v in value:
         if not isinstance(v, int) or isinstance(v, bool):
-            raise UserError(f"{where}: field '{name}' must hold only layer indices or only booleans, got {v!r}")
+            raise UserError(f"{where}: field '{name}' must hold only layer indices or only booleans, got {shown(v)}")
         if not 0 <= v < L:
             raise UserError(f"{where}: field '{name}' has layer {v}, expected 0..{L - 1} for a {L}-layer model")
         ids.append(v)
@@ -168,7 +164,7 @@ def _drop_list(raw: dict, name: str, L: int, where: str) -> list[int]:
 
 
 def _llm_drop(raw: dict, where: str) -> tuple[dict, dict | None]:
-    L = _int_field(raw, "num_hidden_layers", where)
+    L = check_int(raw.get("num_hidden_layers"), where, "num_hidden_layers")
     attn = _drop_list(raw, "drop_attn_list", L, where)
     mlp = _drop_list(raw, "drop_mlp_list", L, where)
     out = {k: v for k, v in raw.items() if k not in ("drop_attn_list", "drop_mlp_list", "auto_map", PLAN_KEY)}

@@ -5,26 +5,50 @@ BOS/EOS follow the checkpoint's ``tokenizer_config.json``: when it sets ``add_bo
 Chat templates come from ``tokenizer_config.json`` or ``chat_template.jinja`` and are rendered with jinja2.
 """
 
-import json
 from pathlib import Path
 
-from model.errors import UserError
+from model.config import check_type, shown
+from model.errors import UserError, read_json
 
 
-def _token_text(value):
+def _token_text(config: dict, key: str, where: str) -> str | None:
+    """A special token's text: a string, ``{"content": string}`` (AddedToken form) or null."""
+    value = config.get(key)
     if isinstance(value, dict):
-        return value.get("content")
-    return value
+        value = value.get("content")
+    if value is not None and not isinstance(value, str):
+        raise UserError(f"{where}: field '{key}' must be a token string, {{\"content\": string}} or null, "
+                        f"got {shown(config.get(key))}")
+    return value or None
+
+
+def _chat_template(config: dict, where: str, jinja_file: Path) -> tuple[str | None, str]:
+    """(template text or None, where it came from): tokenizer_config.json's 'chat_template' (a string, or
+    transformers' list of {"name", "template"} from which "default" is used), else chat_template.jinja."""
+    template = config.get("chat_template")
+    source = f"{where} field 'chat_template'"
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default", ...)
+        if template is ...:
+            raise UserError(f"{source}: a list of templates needs one named 'default', got {shown(config['chat_template'])}")
+    if template is not None and not isinstance(template, str):
+        raise UserError(f"{source}: must be a template string, got {shown(template)}")
+    if template is None and jinja_file.is_file():
+        try:
+            template, source = jinja_file.read_text(encoding="utf-8"), str(jinja_file)
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{jinja_file}: not readable text ({e})") from None
+    return template, source
 
 
 class Tokenizer:
     def __init__(self, checkpoint_dir, bos_token_id=None, eos_token_ids=()):
         d = Path(checkpoint_dir)
         cfg_path = d / "tokenizer_config.json"
-        try:
-            self.config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-        except (OSError, ValueError) as e:
-            raise UserError(f"{cfg_path}: not readable JSON ({e})") from None
+        where = str(cfg_path)
+        self.config = read_json(cfg_path) if cfg_path.is_file() else {}
+        check_type(self.config, dict, where, "(top level)", "a JSON object")
         self._sp = self._tok = None
         if (d / "tokenizer.json").is_file():
             from tokenizers import Tokenizer as HFTokenizer
@@ -34,25 +58,27 @@ class Tokenizer:
                 raise UserError(f"{d / 'tokenizer.json'}: not a readable tokenizer ({e})") from None
         elif (d / "tokenizer.model").is_file():
             import sentencepiece
-            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+            try:
+                self._sp = sentencepiece.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+            except Exception as e:  # sentencepiece raises RuntimeError/OSError for a corrupt model
+                raise UserError(f"{d / 'tokenizer.model'}: not a readable SentencePiece model ({e})") from None
         else:
             raise UserError(f"{d}: no tokenizer.json or tokenizer.model")
 
-        bos_text = _token_text(self.config.get("bos_token"))
-        eos_text = _token_text(self.config.get("eos_token"))
+        bos_text = _token_text(self.config, "bos_token", where)
+        eos_text = _token_text(self.config, "eos_token", where)
         self.bos_id = self._id(bos_text) if bos_text else bos_token_id
         eos = [self._id(eos_text)] if eos_text else []
         self.eos_ids = tuple(dict.fromkeys([i for i in eos + list(eos_token_ids) if i is not None]))
-        self.add_bos = self.config.get("add_bos_token", None if self._tok else True)
-        self.add_eos = self.config.get("add_eos_token", None if self._tok else False)
-        pad_text = _token_text(self.config.get("pad_token"))
+        flags = []
+        for key, default in (("add_bos_token", None if self._tok else True), ("add_eos_token", None if self._tok else False)):
+            flags.append(check_type(self.config.get(key, default), (bool, type(None)), where, key, "true, false or null"))
+        self.add_bos, self.add_eos = flags
+        pad_text = _token_text(self.config, "pad_token", where)
         pad = self._id(pad_text) if pad_text else None
         self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
 
-        template = self.config.get("chat_template")
-        if template is None and (d / "chat_template.jinja").is_file():
-            template = (d / "chat_template.jinja").read_text()
-        self.chat_template = template
+        self.chat_template, self._template_source = _chat_template(self.config, where, d / "chat_template.jinja")
         self._bos_text, self._eos_text = bos_text or "", eos_text or ""
 
     def _id(self, text):
@@ -107,9 +133,13 @@ class Tokenizer:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self._bos_text, eos_token=self._eos_text)
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self._bos_text, eos_token=self._eos_text)
+        except Exception as e:  # jinja2's TemplateError kinds, or whatever the template's own code raises
+            raise UserError(f"{self._template_source}: the chat template does not render "
+                            f"({type(e).__name__}: {e})") from None
 
     def encode_chat(self, prompt: str) -> list[int]:
         """Ids of a one-turn chat; the template writes the special tokens itself."""

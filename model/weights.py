@@ -4,13 +4,29 @@ Only the tensors a caller asks for are read (``CheckpointReader.read``), so a co
 touches a dropped sublayer's weights; ``names_read`` records what was read, for tests.
 """
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from model.errors import UserError
+from model.config import shown
+from model.errors import UserError, read_json
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The index's tensor name -> shard file name; shards must be plain file names in the checkpoint
+    directory (no path separators, no ``..``), so nothing outside it is ever opened."""
+    raw = read_json(index)
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UserError(f"{index}: field 'weight_map' must be a non-empty object (tensor name -> shard file name), "
+                        f"got {shown(weight_map)}")
+    for name, shard in weight_map.items():
+        plain = isinstance(shard, str) and shard not in ("", ".", "..") and "/" not in shard and "\\" not in shard
+        if not plain or "\0" in shard:
+            raise UserError(f"{index}: field 'weight_map.{name}' must be a plain file name inside the checkpoint "
+                            f"directory (no path, no '..'), got {shown(shard)}")
+    return weight_map
 
 
 class CheckpointReader:
@@ -23,11 +39,7 @@ class CheckpointReader:
         index = self.dir / "model.safetensors.index.json"
         single = self.dir / "model.safetensors"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise UserError(f"{index}: expected JSON with a 'weight_map' object ({e})") from None
-            self.files = {name: self.dir / f for name, f in weight_map.items()}
+            self.files = {name: self.dir / f for name, f in _weight_map(index).items()}
         elif single.is_file():
             self.files = {name: single for name in self._handle(single).keys()}
         else:
