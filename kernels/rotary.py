@@ -47,23 +47,30 @@ def _rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def rotary_write_kv_reference(q, k, v, cos, sin, positions, k_cache, v_cache, cache_start: int):
+def rotary_write_kv_reference(q, k, v, cos, sin, positions, k_cache, v_cache, cache_start):
     """Rotate q and k, and write rotated k and v into the cache.
 
     q: [B, T, Hq, D]; k, v: [B, T, Hkv, D]; cos, sin: [P, D] float32 tables;
     positions: [B, T] int64 rotary positions (per row); k_cache, v_cache: [B, Hkv, S, D];
-    cache_start: cache index of token 0 (the same for every row).
-    Writes k_cache[:, :, cache_start:cache_start+T] and v_cache likewise; returns rotated q [B, T, Hq, D].
+    cache_start: cache index of token 0, an int (every row) or an integer tensor of 1 or B elements
+    (per row; written by index, without a host sync: an index past the cache raises IndexError, a
+    negative one wraps as torch indexing does, so callers check their indices).
+    Writes row b's tokens at cache indices cache_start[b] .. cache_start[b]+T-1; returns rotated q [B, T, Hq, D].
     """
     c = cos[positions].to(q.dtype)[:, :, None, :]
     s = sin[positions].to(q.dtype)[:, :, None, :]
     q_rot = q * c + _rotate_half(q) * s
     k_rot = k * c + _rotate_half(k) * s
-    T = q.shape[1]
-    cache_start = int(cache_start)  # a 1-element tensor is accepted too (see rotary_write_kv_triton)
-    check_write_window(cache_start, T, k_cache.shape[2])
-    k_cache[:, :, cache_start:cache_start + T] = k_rot.transpose(1, 2)
-    v_cache[:, :, cache_start:cache_start + T] = v.transpose(1, 2)
+    B, T = q.shape[:2]
+    if isinstance(cache_start, torch.Tensor):
+        rows = torch.arange(B, device=q.device)[:, None]
+        cols = cache_start.reshape(-1, 1).expand(B, 1) + torch.arange(T, device=q.device)[None]
+        k_cache[rows, :, cols] = k_rot  # [B, T, Hkv, D] at (b, :, cache_start[b] + t)
+        v_cache[rows, :, cols] = v
+    else:
+        check_write_window(cache_start, T, k_cache.shape[2])
+        k_cache[:, :, cache_start:cache_start + T] = k_rot.transpose(1, 2)
+        v_cache[:, :, cache_start:cache_start + T] = v.transpose(1, 2)
     return q_rot
 
 
@@ -74,7 +81,7 @@ def check_write_window(cache_start: int, T: int, S: int):
                          f"(0..{S - 1})")
 
 
-def rotary_write_kv(q, k, v, cos, sin, positions, k_cache, v_cache, cache_start: int):
+def rotary_write_kv(q, k, v, cos, sin, positions, k_cache, v_cache, cache_start):
     if use_triton(q):
         return rotary_write_kv_triton(q, k, v, cos, sin, positions, k_cache, v_cache, cache_start)
     return rotary_write_kv_reference(q, k, v, cos, sin, positions, k_cache, v_cache, cache_start)
@@ -90,7 +97,8 @@ def _rotary_write_kv_kernel(
     stride_ob, stride_ot, stride_oh,  # rotated q out: [B, T, Hq, D]
     stride_cb, stride_ch, stride_cs,  # caches: [B, Hkv, S, D] (k_cache and v_cache share strides)
     T, HQ, HKV, D, S,  # S: cache positions; writes outside 0..S-1 are dropped, never made
-    START_IS_PTR: tl.constexpr,  # START is a pointer to the cache index (CUDA-graph friendly) or an int
+    stride_start,  # START's row stride (0: one index for every row)
+    START_IS_PTR: tl.constexpr,  # START points to the cache index per row (CUDA-graph friendly), or is an int
     BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # One program per token (b, t); it handles every q, k and v head of that token.
@@ -99,7 +107,7 @@ def _rotary_write_kv_kernel(
     t = pid % T
     half = D // 2
     if START_IS_PTR:
-        start = tl.load(START).to(tl.int32)
+        start = tl.load(START + b * stride_start).to(tl.int32)
     else:
         start = START
     # The rotary row of this token, cast to the activation dtype as Hugging Face does.
@@ -162,11 +170,12 @@ def _unit_last(t):
 
 
 def rotary_write_kv_triton(q, k, v, cos, sin, positions, k_cache, v_cache, cache_start):
-    """As the reference. ``cache_start`` may also be a 1-element integer tensor on q's device, read
-    by the kernel itself, so that a CUDA graph of the decode step can advance it without re-capture.
-    A Python int is checked here (IndexError, as the reference); a device tensor cannot be without a
-    host sync: the caller checks the index before writing it into that tensor (the engine knows it
-    as an int), and the kernel drops any write outside the cache rather than corrupt memory."""
+    """As the reference. ``cache_start`` may also be an integer tensor of 1 or B elements on q's device
+    (one index for every row, or one per row), read by the kernel itself, so that a CUDA graph of the
+    decode step can advance it without re-capture. A Python int is checked here (IndexError, as the
+    reference); a device tensor cannot be without a host sync: the caller checks the indices before
+    writing them into that tensor, and the kernel drops any write outside the cache rather than
+    corrupt memory."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     S = k_cache.shape[2]
@@ -187,7 +196,7 @@ def rotary_write_kv_triton(q, k, v, cos, sin, positions, k_cache, v_cache, cache
            cos.stride(0), positions.stride(0), positions.stride(1),
            q_out.stride(0), q_out.stride(1), q_out.stride(2),
            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-           T, Hq, Hkv, D, S,
+           T, Hq, Hkv, D, S, cache_start.stride(-1) if start_is_ptr and cache_start.numel() > 1 else 0,
            START_IS_PTR=start_is_ptr,
            BLOCK_HQ=cfg["BLOCK_HQ"], BLOCK_HKV=cfg["BLOCK_HKV"], BLOCK_HALF=cfg["BLOCK_HALF"],
            BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])

@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -103,3 +105,26 @@ def test_device_write_index_outside_the_cache_writes_nothing_out_of_bounds(cache
         assert b[:, :, :100].isnan().all() and b[:, :, 100 + S:].isnan().all(), "wrote outside the cache"
     inside = [i for i in range(cache_start, cache_start + T) if 0 <= i < S]
     assert torch.equal(vc[0, 0, inside], v[0, [i - cache_start for i in inside], 0])
+
+
+def test_per_row_write_index():
+    """A [B] index tensor (the decode step of rows at different positions): row b writes at index[b]."""
+    B, T, Hq, Hkv, D, S = 3, 1, 4, 2, 16, 9
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (randn(B, T, h, D, dtype=torch.float32, gen=g) for h in (Hq, Hkv, Hkv))
+    cos, sin = rope_tables(rope_inv_freq(D, 10000.0), S, device=DEVICE)
+    index = torch.tensor([0, 7, 3], device=DEVICE)
+    positions = index[:, None] - 0
+    outs = []
+    for path in (contextlib.nullcontext, triton_path):
+        kc, vc = (torch.full((B, Hkv, S, D), float("nan"), device=DEVICE) for _ in range(2))
+        with path():
+            q_out = (kernels.rotary_write_kv if path is triton_path else rotary_write_kv_reference)(
+                q, k, v, cos, sin, positions, kc, vc, index)
+        outs.append((q_out, kc, vc))
+        for b, i in enumerate(index.tolist()):
+            assert torch.equal(vc[b, :, i], v[b, 0]) and torch.isfinite(kc[b, :, i]).all()
+            assert kc[b, :, torch.arange(S) != i].isnan().all(), f"row {b} wrote outside index {i}"
+    (q_ref, kc_ref, _), (q_tri, kc_tri, _) = outs
+    assert_close(q_tri, q_ref, 1e-5, "q")
+    assert_close(kc_tri.nan_to_num(0.0), kc_ref.nan_to_num(0.0), 1e-5, "k cache")
