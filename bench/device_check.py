@@ -329,20 +329,26 @@ def stage_bf16_graph_vs_plain(dev, quick):
 
 def stage_bf16_vs_fp32(dev, quick):
     """bfloat16 error against a float32 reference, relative to Hugging Face bfloat16's own error against
-    the same reference: ours <= 2x HF's + 1e-3 (relative logit error); top-1 disagreement <= 2x HF's + 1%."""
+    the same reference (stories260K): see ``bf16_vs_fp32``."""
+    return bf16_vs_fp32(dev, stories_path(), 32 if quick else 256)
+
+
+def bf16_vs_fp32(dev, path: Path, T: int) -> list[str]:
+    """Our bfloat16 logits and HF's for T random tokens, each against HF float32: ours <= 2x HF's
+    relative logit error + 1e-3, top-1 disagreement <= 2x HF's + 1% (``bf16_verdict``)."""
     ref = hf_reference()
     import runtime
 
-    path = stories_path()
-    T = 32 if quick else 256
-    ids = random_prompt(T, 512, dev, seed=3)
     hf32 = ref.hf_model(path, torch.float32).to(dev)
+    ids = random_prompt(T, hf32.config.vocab_size, dev, seed=3)
     with torch.inference_mode():
         truth = hf32(ids).logits[0].float()
+        del hf32
         hf16 = ref.hf_model(path, torch.bfloat16).to(dev)(ids).logits[0].float()
     ours = runtime.load(str(path), dtype="bfloat16", device=dev, show_progress=False).logits(ids)[0]
     v = bf16_verdict(ours, hf16, truth)
-    lines = [f"HF bf16 vs fp32: relative error {v['hf_err']:.3e}, top-1 disagreement {v['hf_disagree']:.3%}",
+    lines = [f"{path.name}, {T} tokens:",
+             f"HF bf16 vs fp32: relative error {v['hf_err']:.3e}, top-1 disagreement {v['hf_disagree']:.3%}",
              f"ours bf16 vs fp32: relative error {v['ours_err']:.3e}, top-1 disagreement {v['ours_disagree']:.3%}"]
     assert v["ok"], lines
     return lines

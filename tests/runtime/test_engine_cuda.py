@@ -1,37 +1,37 @@
-"""bfloat16 on a GPU (the Triton kernels) against Hugging Face: runs under plain ``pytest`` where CUDA
-exists, skips without it. Not yet run anywhere: no GPU was lent to the session that wrote it."""
+"""The engine on a GPU (Triton kernels, CUDA-graph decode) against Hugging Face and its own float32
+path: the device check's stages (``bench/device_check.py``) asserted under plain ``pytest``. Skips
+without CUDA; a test whose model or pinned transformers is missing skips with the reason.
+
+bfloat16 is judged against a float32 reference relative to Hugging Face bfloat16's own error (two
+correct bf16 implementations differ about as much as bf16 differs from fp32); exact agreement is asked
+only in float32 (1e-4, decode steps against Hugging Face and against our own prefill) and between
+graph replays and plain launches of the same kernels (bit-identical)."""
 
 import pytest
 import torch
 
-import runtime
-from tests.models import hf_model, rel_err
-from tools.calib import WIKITEXT2, token_windows
+from bench import device_check
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def test_bf16_wikitext2_parity_on_gpu(smollm2):
-    """Greedy top-1 agreement >= 99% over 512 tokens of WikiText-2, relative logit error < 2e-2."""
-    engine = runtime.load(str(smollm2), dtype="bfloat16", device="cuda")
-    hf = hf_model(smollm2, torch.bfloat16).cuda()
-    ids = token_windows(engine.tokenizer, WIKITEXT2, 512, 1).cuda()
-    ours = engine.logits(ids)[0]
-    with torch.inference_mode():
-        ref = hf(ids).logits[0].float()
-    agree = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    assert agree >= 0.99 and rel_err(ours, ref) < 2e-2, (agree, rel_err(ours, ref))
+def run(check, *args):
+    try:
+        return check(torch.device("cuda"), *args)
+    except device_check.Skip as e:
+        pytest.skip(str(e))
 
 
-def test_bf16_decode_steps_follow_prefill_on_gpu(smollm2):
-    """Decode (split-K kernel) and prefill (flash kernel) give the same next-token logits."""
-    engine = runtime.load(str(smollm2), dtype="bfloat16", device="cuda")
-    ids = token_windows(engine.tokenizer, WIKITEXT2, 128, 1).cuda()
-    full = engine.logits(ids)[0]
-    cache = engine.new_cache(1, 128)
-    kv0 = torch.zeros(1, dtype=torch.int32, device="cuda")
-    pos = torch.arange(96, device="cuda")[None]
-    engine.forward(ids[:, :96], cache, 0, kv0, pos)
-    for t in range(96, 128):
-        step = engine.forward(ids[:, t:t + 1], cache, t, kv0, torch.tensor([[t]], device="cuda"))[0, -1].float()
-        assert rel_err(step, full[t]) < 2e-2
+@pytest.mark.parametrize("stage", ["dispatch", "graph_replay", "tiles", "fp32_parity", "bf16_graph_vs_plain",
+                                   "bf16_vs_fp32", "generate_vs_hf", "graph_captures"])
+def test_device_check_stage(stage):
+    run(device_check.STAGES[stage], False)
+
+
+def test_bf16_smollm2_relative_to_hugging_face():
+    from model.default_model import default_model_dir
+
+    path = default_model_dir()
+    if not (path / "config.json").exists():
+        pytest.skip(f"the default model is not imported at {path}")
+    run(device_check.bf16_vs_fp32, path, 512)
