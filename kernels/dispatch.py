@@ -11,11 +11,11 @@ import contextlib
 import os
 
 import torch
-import triton
 
 # Read once, before any kernel module's @triton.jit runs (they all import this module first): the
-# interpreter is chosen when a kernel is decorated, not when it is launched.
-INTERPRETED = bool(triton.knobs.runtime.interpret)
+# interpreter is chosen when a kernel is decorated, not when it is launched. (Triton reads the same
+# variable; older versions have no `triton.knobs` to ask.)
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 # Compile options every launch passes explicitly. FP fusion (a*b+c as one FMA) is triton's default
 # today but that default changes in triton 3.10; pinning it keeps numerics (and the ptxas test, which
