@@ -67,6 +67,15 @@ def check_out_path(out, inputs=()) -> Path:
     return target
 
 
+def check_target(target, *, replace: bool = False, inputs=()) -> Path:
+    """``check_out_path``, and an existing non-empty ``target`` needs ``replace``: what ``install_dir``
+    checks first, for callers that want to fail before any slow work."""
+    target = check_out_path(target, inputs)
+    if _nonempty_dir(target) and not replace:
+        raise UserError(f"{target}: already exists and is not empty (pass --force to replace it)")
+    return target
+
+
 def _nonempty_dir(p: Path) -> bool:
     return p.is_dir() and any(p.iterdir())
 
@@ -166,9 +175,7 @@ def install_dir(target, *, replace: bool = False, inputs=()):
     temporary is removed and the exception re-raised; permission / disk-full errors become a
     ``UserError`` naming the target.
     """
-    target = check_out_path(target, inputs)
-    if _nonempty_dir(target) and not replace:
-        raise UserError(f"{target}: already exists and is not empty (pass --force to replace it)")
+    target = check_target(target, replace=replace, inputs=inputs)
     parent = _writable_parent(target)
     remove_stale(parent)
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"

@@ -61,6 +61,7 @@ def ensure_default_model(*, show_progress: bool = True) -> Path:
     out = default_model_dir()
     if (out / "config.json").is_file():
         return out.resolve()
+    _check_cache_writable(cache_root())
 
     from model.gguf import import_gguf
 
@@ -75,6 +76,17 @@ def ensure_default_model(*, show_progress: bool = True) -> Path:
                 return out.resolve()
             raise
     return out.resolve()
+
+
+def _check_cache_writable(root: Path) -> None:
+    """The cache root exists (created if need be) and can be written, else a UserError naming it."""
+    hint = "set SUBLAYER_CACHE to a writable directory"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{root}: cannot create the model cache ({e.strerror}); {hint}") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise UserError(f"{root}: the model cache is not writable; {hint}")
 
 
 def _installed_gguf() -> Path | None:

@@ -365,12 +365,12 @@ def _write_safetensors(out: Path, plan: list, path: Path, *, show_progress: bool
     with open(out, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        bar = tqdm(plan, desc=f"importing {path.name}", unit="tensor", disable=not show_progress, file=sys.stderr)
-        for t, hf, shape, heads in bar:
-            w = _dequantize(t, shape, path)
-            if heads is not None:
-                w = _unpermute_rows(w, heads)
-            f.write(np.ascontiguousarray(w, dtype="<f4").tobytes())
+        with tqdm(plan, desc=f"importing {path.name}", unit="tensor", disable=not show_progress, file=sys.stderr) as bar:
+            for t, hf, shape, heads in bar:
+                w = _dequantize(t, shape, path)
+                if heads is not None:
+                    w = _unpermute_rows(w, heads)
+                f.write(np.ascontiguousarray(w, dtype="<f4").tobytes())
 
 
 def _write_tokenizer(gguf_path: Path, meta: dict, config: dict, out: Path) -> None:

@@ -244,15 +244,14 @@ def _write_tensors(tensors: dict, out: Path, shard_size: int, progress: bool) ->
     if cur:
         shards.append(cur)
     total, weight_map = 0, {}
-    bar = tqdm(total=len(tensors), desc="export", unit="tensor", disable=not progress, file=sys.stderr)
-    for k, shard in enumerate(shards):
-        fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: t.detach().cpu().contiguous() for n, t in shard}, str(out / fname), metadata={"format": "pt"})
-        for n, t in shard:
-            weight_map[n] = fname
-            total += t.numel() * t.element_size()
-        bar.update(len(shard))
-    bar.close()
+    with tqdm(total=len(tensors), desc="export", unit="tensor", disable=not progress, file=sys.stderr) as bar:
+        for k, shard in enumerate(shards):
+            fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file({n: t.detach().cpu().contiguous() for n, t in shard}, str(out / fname), metadata={"format": "pt"})
+            for n, t in shard:
+                weight_map[n] = fname
+                total += t.numel() * t.element_size()
+            bar.update(len(shard))
     if len(shards) > 1:
         (out / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
@@ -325,11 +324,9 @@ def export(model, plan, fmt: str, out, force: bool = False, shard_size="2GB", pr
            log=None) -> dict:
     """Export ``model`` under ``plan`` as ``fmt`` into ``out`` (see ``write_checkpoint``, which this reads
     the kept tensors for, memory-mapped)."""
-    from model.atomic import check_out_path
+    from model.atomic import check_target
     from model.config import load_config
     from model.default_model import resolve_model
-    from model.weights import CheckpointReader
-    from runtime.schedule import compile_plan, needed_tensors
     from runtime.plan import load_plan, plan_file
 
     _check_format(fmt)
@@ -337,9 +334,14 @@ def export(model, plan, fmt: str, out, force: bool = False, shard_size="2GB", pr
         raise UserError("--plan: required (a plan JSON path or a preset name)")
     parse_size(shard_size)
     src = resolve_model(model, show_progress=progress)
-    check_out_path(out, [src, plan_file(plan)])
+    check_target(out, replace=force, inputs=[src, plan_file(plan)])  # before the slow imports and reads
     config = load_config(src)
-    shapes = needed_tensors(compile_plan(load_plan(plan, config.num_layers), config).steps, config)
+    resolved = load_plan(plan, config.num_layers)
+
+    from model.weights import CheckpointReader
+    from runtime.schedule import compile_plan, needed_tensors
+
+    shapes = needed_tensors(compile_plan(resolved, config).steps, config)
     reader = CheckpointReader(src)
     try:
         tensors = {name: reader.mapped(name, shape) for name, shape in shapes.items()}

