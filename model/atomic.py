@@ -134,7 +134,10 @@ def remove_stale(parent: Path) -> list[Path]:
                 print(f"removed stale directory {entry} (the replaced copy of {target}, left by process {pid})",
                       file=sys.stderr)
             else:
-                os.rename(entry, target)
+                try:
+                    os.rename(entry, target)
+                except OSError:  # another run restored it first
+                    continue
                 print(f"restored {target} from {entry} (process {pid} was stopped while replacing it)",
                       file=sys.stderr)
         done.append(entry)
@@ -214,8 +217,8 @@ def _swap_in(tmp: Path, target: Path, tag: str, replace: bool) -> None:
         os.rename(target, old)
     try:
         os.rename(tmp, target)
-    except OSError:
-        if old is not None:
+    except BaseException:  # Ctrl-C included: put the old one back
+        if old is not None and not target.exists():
             os.rename(old, target)
         raise
     if old is not None:

@@ -121,3 +121,23 @@ def test_modes_follow_umask(tmp_path, mask):
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (out, out / "sub", out / "sub" / "w.safetensors")}
     assert modes == {"out": 0o777 & ~mask, "sub": 0o777 & ~mask, "w.safetensors": 0o666 & ~mask}
     assert listing(out) == ["sub", "sub/w.safetensors"]  # the lock file is not installed
+
+
+def test_interrupt_between_renames_puts_old_back(tmp_path, monkeypatch):
+    import model.atomic as atomic
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("mine")
+    real = os.rename
+
+    def rename(src, dst):
+        if ".sublayer-tmp-" in str(src):
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        with install_dir(out, replace=True) as tmp:
+            (tmp / "new").write_text("x")
+    assert listing(tmp_path) == ["out", "out/keep"]
