@@ -193,3 +193,19 @@ def test_ctrl_c_one_line_exit_130_nothing_left(tool, smollm2, scratch):
     rc, out, err = interrupt_when_writing(args, scratch, "out")
     assert rc == 130 and err.strip().splitlines()[-1] == "interrupted (Ctrl-C)" and "Traceback" not in err, err
     assert snapshot(scratch) == before  # no temporary, no partial output
+
+
+def test_sigkill_mid_export_then_next_run_cleans_up(smollm2, scratch, ckpt):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", *map(str, export_args(smollm2, scratch / "big"))], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (temps := list(scratch.glob(".big.sublayer-tmp-*"))):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    assert temps[0].is_dir() and not (scratch / "big").exists()  # what SIGKILL leaves
+    done = cli(*export_args(ckpt, scratch / "small"))
+    assert done.returncode == 0 and f"removed stale temporary directory {temps[0]}" in done.stderr
+    assert sorted(p.name for p in scratch.iterdir()) == ["ckpt", "small"]
