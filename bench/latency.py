@@ -93,17 +93,12 @@ class Timer:
 
 
 def plan_bytes(config, plan, elem: int, context: int, batch: int) -> dict:
-    """Weight bytes this plan loads, and bytes one decode step reads at ``context`` (see module doc)."""
-    from runtime.compile import compile_plan, needed_tensors
-    from runtime.kv_cache import kv_bytes
+    """Weight bytes this plan loads, and bytes one decode step reads at ``context`` (``Schedule``)."""
+    from runtime.schedule import compile_plan
 
     schedule = compile_plan(plan, config)
-    shapes = needed_tensors(schedule.steps, config)
-    weights = sum(torch.Size(s).numel() for s in shapes.values()) * elem
-    embed = torch.Size(shapes["model.embed_tokens.weight"]).numel() * elem
-    kv = kv_bytes(schedule.num_kv_slots, batch, context, config.num_kv_heads, config.head_dim, elem)
-    return {"weights_MiB": weights / MiB, "kv_MiB": kv / MiB,
-            "step_MiB": (weights - (0 if config.tie_word_embeddings else embed) + kv) / MiB}
+    return {"weights_MiB": schedule.weight_bytes(elem) / MiB, "kv_MiB": schedule.kv_bytes(elem, context, batch) / MiB,
+            "step_MiB": schedule.step_bytes(elem, context, batch) / MiB}
 
 
 def load_ours(spec, max_seq_len):
@@ -118,8 +113,9 @@ def load_ours(spec, max_seq_len):
 
 
 def ours_runner(engine, batch):
-    """prefill(ids [B, T]) and step(token [B, 1], pos) -> logits [B, 1, V], on our engine."""
-    cache = engine.new_cache(batch, engine.max_seq_len)
+    """prefill(ids [B, T]) (``forward``) and step(token [B, 1], pos) (``decode_step``, over the engine's
+    own cache, as generation runs it) -> logits [B, 1, V]."""
+    cache = engine.own_cache(batch, engine.max_seq_len)
     kv0 = torch.zeros(batch, dtype=torch.int32, device=engine.device)
 
     def prefill(ids):
@@ -128,7 +124,7 @@ def ours_runner(engine, batch):
                               last_only=True)
 
     def step(tok, pos):
-        return engine.forward(tok, cache, pos, kv0, torch.full((batch, 1), pos, device=tok.device))
+        return engine.decode_step(tok, cache, torch.full((batch,), pos, device=tok.device), kv0)
 
     return prefill, step
 
@@ -191,7 +187,7 @@ def hf_runner(hf, spec, batch, max_seq_len):
 
 @torch.inference_mode()
 def measure(spec) -> dict:
-    """One row: build, an 8-token warm-up prefill, the timed prefill, then warm-up + timed decode steps."""
+    """One row: build, a warm-up prefill, the timed prefill, then warm-up + timed decode steps."""
     from runtime.plan import load_plan
 
     torch.set_num_threads(spec["threads"]) if spec["threads"] else None
@@ -220,12 +216,14 @@ def measure(spec) -> dict:
         dtype = resolve_dtype(spec["dtype"], device)
         hf = load_hf(spec, config, plan, dtype, device)
         prefill, step = hf_runner(hf, spec, B, max_seq_len)
-        warm_prefill, _ = hf_runner(hf, {**spec, "impl": "hf-eager"}, B, 8)  # its own small cache
+        warm_prefill, _ = hf_runner(hf, {**spec, "impl": "hf-eager"}, B, max_seq_len)  # its own cache
     load_s = time.perf_counter() - t0
     timer = Timer(device)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, config.vocab_size, (B, T), generator=gen).to(device)
-    warm_prefill(prompt[:, :8])  # first-call costs (allocator, library init) stay out of the timed prefill
+    # a warm-up prefill of the real length: first-call costs (allocator, library init, Triton compiling
+    # the kernels for this length) stay out of the timed prefill
+    warm_prefill(prompt)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with timer:  # prefill
@@ -266,7 +264,7 @@ def measure_paired(spec) -> list[dict]:
         prefill, step = ours_runner(engine, B)
         prompt = torch.randint(3, engine.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
         prompt = prompt.to(engine.device)
-        prefill(prompt[:, :8])
+        prefill(prompt)  # warm-up of the real length, for every plan (see ``measure``)
         timer = Timer(engine.device)
         with timer:
             logits = prefill(prompt)

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import runtime  # noqa: E402
 from runtime.plan import PlanError  # noqa: E402
-from tests.models import STORIES, TINY_CONFIGS, hf_model, make_tiny_llama, skip_sublayers, step_errors  # noqa: E402
+from bench.hf_reference import STORIES, TINY_CONFIGS, hf_model, make_tiny_llama, skip_sublayers, step_errors  # noqa: E402
 
 
 def main(argv=None):

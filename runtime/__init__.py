@@ -1,4 +1,4 @@
-"""What to run: plans, their compiled schedule, the engine, and the ``load`` entry point.
+"""What to run: plans, their schedule, the engine, and the ``load`` entry point.
 
     import runtime
     engine = runtime.load("smollm2-135m-instruct", plan="attn66")

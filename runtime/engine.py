@@ -1,14 +1,21 @@
-"""The engine: a compiled schedule's weights, a static KV cache, prefill + decode, sampling.
+"""The engine: a compiled schedule's weights, a static KV cache, the forward pass and the decode step.
 
 ``load()`` is the one way every entry point (CLI, lm-eval adapter, tools, benchmarks) builds a model.
 The forward pass is llama2.c-small: embedding, then per schedule step a fused residual-add + RMSNorm
-and the sublayer (attention or SwiGLU MLP), then the final norm and LM head. Each sublayer's output
-is added to the residual stream by the *next* step's fused add+norm.
+and the sublayer (attention or SwiGLU MLP), then the final norm and LM head, all from the step
+functions of ``runtime.step``. Each sublayer's output is added to the residual stream by the *next*
+step's fused add+norm.
+
+- ``forward`` / ``logits`` / ``score``: the plain eager path (prefill, scoring, observers);
+- ``decode_step``: one new token per row, fast (``runtime.fast_decode``: compiled on CPU, a CUDA graph
+  over the engine's own cache on GPU);
+- ``generate``: see ``runtime.generation``.
 """
 
 import copy
-import time
-from dataclasses import dataclass, field
+import sys
+import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +26,11 @@ from model.config import LlamaConfig, load_config
 from model.errors import UserError
 from model.tokenizer import Tokenizer
 from model.weights import CheckpointReader
-from runtime import cpu_decode
-from runtime.compile import AttentionStep, Schedule, compile_plan, needed_tensors
-from runtime.kv_cache import KVCache, kv_bytes
+from runtime import fast_decode, generation
+from runtime.kv_cache import KVCache, check_fits
 from runtime.plan import Plan, load_plan
-from runtime.sampling import sample
+from runtime.schedule import AttentionStep, Schedule, compile_plan, full_schedule, needed_tensors
+from runtime.step import attention_step, head_step, mlp_step
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,24 +49,15 @@ class MlpWeights:
     down: torch.Tensor     # [H, I]
 
 
-@dataclass
-class Generation:
-    """Result of ``Engine.generate``: new token ids and text per prompt, and timings."""
-
-    tokens: list[list[int]]
-    texts: list[str]
-    prompt_tokens: int
-    prefill_s: float
-    decode_s: float
-    decode_steps: int
-    finished: list[bool] = field(default_factory=list)
-
-
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on CUDA cards that support it (float16 on older ones), float32 on CPU."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        with torch.cuda.device(device):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if dtype not in DTYPES:
         raise UserError(f"--dtype: expected one of auto, {', '.join(DTYPES)}; got {dtype!r}")
     return DTYPES[dtype]
@@ -72,11 +70,40 @@ def resolve_device(device: str | torch.device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device: expected auto, cpu or cuda[:N]; got {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device: {device!r} asked for but CUDA is not available")
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device: expected auto, cpu or cuda[:N]; got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device: {device!r} asked for but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device: {device!r} asked for but this machine has {torch.cuda.device_count()} "
+                            f"CUDA device(s)")
     return dev
+
+
+def _check_max_seq_len(max_seq_len, config: LlamaConfig):
+    if max_seq_len is None:
+        return
+    if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len < 1:
+        raise UserError(f"--max-seq-len: expected a positive integer, got {max_seq_len!r}")
+    if max_seq_len > config.max_position_embeddings:
+        raise UserError(f"--max-seq-len: {max_seq_len} positions is beyond the model's context of "
+                        f"{config.max_position_embeddings} (max_position_embeddings)")
+
+
+def warn_if_degenerate(schedule: Schedule, out=sys.stderr):
+    """A plan that keeps no attention sublayer (no token sees another), or nothing at all, runs, but
+    says what remains."""
+    plan = schedule.plan
+    if not schedule.steps:
+        print(f"warning: plan {plan.name!r} keeps no sublayer at all: what remains is the embedding, the "
+              f"final norm and the LM head (every token's logits depend on that token only)", file=out)
+    elif schedule.num_kv_slots == 0:
+        print(f"warning: plan {plan.name!r} keeps no attention sublayer: what remains is "
+              f"{len(schedule.steps)} MLP sublayer(s) (layers {', '.join(map(str, plan.kept_mlp))}); no token "
+              f"sees another", file=out)
 
 
 def load(model=None, plan=None, dtype="auto", device="auto", max_seq_len=None, show_progress=True,
@@ -85,9 +112,8 @@ def load(model=None, plan=None, dtype="auto", device="auto", max_seq_len=None, s
 
     plan: None (full), a preset name, a plan JSON path, a plan dict or a resolved Plan.
     max_seq_len: size of the static KV cache; None sizes it per call (prompt + new tokens).
-    compile: run decode steps (one token per row) fast: through the inductor-compiled step on CPU
-    (``runtime/cpu_decode.py``), as a replayed CUDA graph on GPU (``DecodeGraph``). False keeps every
-    step eager (the torch reference on CPU, plain Triton launches on GPU).
+    compile: run ``decode_step`` fast: the step compiled with inductor on CPU, a CUDA graph on GPU
+    (``runtime.fast_decode``). False keeps it eager (torch references on CPU, plain Triton launches on GPU).
     """
     from model.default_model import resolve_model
 
@@ -99,74 +125,79 @@ def load(model=None, plan=None, dtype="auto", device="auto", max_seq_len=None, s
             raise UserError(f"{checkpoint}: the checkpoint already carries a plan ({carried['name']!r}: its "
                             f"config drops sublayers); do not pass a plan (--plan) for it")
         plan = carried
-    resolved = load_plan(plan, config.num_layers)
+    schedule = compile_plan(load_plan(plan, config.num_layers), config)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
-        raise UserError(f"--max-seq-len: expected a positive integer, got {max_seq_len!r}")
-    return Engine(checkpoint, config, compile_plan(resolved, config), dt, dev, max_seq_len, compile)
+    _check_max_seq_len(max_seq_len, config)
+    warn_if_degenerate(schedule)
+    return Engine(checkpoint, schedule, dt, dev, max_seq_len, compile)
 
 
 def load_shape(shape: str, plan=None, dtype="auto", device="auto", max_seq_len=None, compile=True,
                seed: int = 0) -> "Engine":
-    """An Engine of a named shape (``model.shapes.SHAPES``) with random weights, for latency only."""
+    """An Engine of a named shape (``model.shapes.SHAPES``) with random weights, for latency only
+    (no tokenizer: it decodes token ids, it cannot generate text)."""
     from model.shapes import SHAPES, RandomWeights, shape_config
 
     if shape not in SHAPES:
         raise UserError(f"--shape: expected one of {', '.join(SHAPES)}; got {shape!r}")
     config = shape_config(shape)
     dev = resolve_device(device)
-    return Engine(None, config, compile_plan(load_plan(plan, config.num_layers), config), resolve_dtype(dtype, dev),
-                  dev, max_seq_len, compile, reader=RandomWeights(seed))
+    _check_max_seq_len(max_seq_len, config)
+    schedule = compile_plan(load_plan(plan, config.num_layers), config)
+    warn_if_degenerate(schedule)
+    return Engine(None, schedule, resolve_dtype(dtype, dev), dev, max_seq_len, compile, reader=RandomWeights(seed))
 
 
 class Engine:
-    def __init__(self, checkpoint_dir, config: LlamaConfig, schedule: Schedule, dtype: torch.dtype,
-                 device: torch.device, max_seq_len: int | None = None, compile: bool = True, reader=None):
-        self.checkpoint_dir, self.config, self.schedule = checkpoint_dir, config, schedule
+    def __init__(self, checkpoint_dir, schedule: Schedule, dtype: torch.dtype, device: torch.device,
+                 max_seq_len: int | None = None, compile: bool = True, reader=None):
+        self.checkpoint_dir, self.schedule, self.config = checkpoint_dir, schedule, schedule.config
         self.dtype, self.device, self.max_seq_len = dtype, device, max_seq_len
-        # Decode steps (T = 1): inductor-compiled on CPU, replayed as a CUDA graph on GPU. The
-        # Triton-on-CPU test path (SUBLAYER_TRITON=1) must reach the kernels, so it stays eager.
-        self.compiled_decode = compile and device.type == "cpu" and not use_triton(torch.empty(0))
-        self.graph_decode = compile and device.type == "cuda"
-        self._graph: DecodeGraph | None = None
-        # reader: a CheckpointReader, or model.shapes.RandomWeights (no checkpoint, no tokenizer)
-        self.tokenizer = Tokenizer(checkpoint_dir, config.bos_token_id, config.eos_token_ids) if checkpoint_dir else None
-        self.reader = reader or CheckpointReader(checkpoint_dir)
-        self._load_weights()
-        cos, sin = kernels.rope_tables(kernels.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling),
-                                       config.max_position_embeddings, device)
-        self.cos, self.sin = cos, sin
-        self.scale = config.head_dim ** -0.5
+        # decode_step: "compiled" (CPU inductor), "graph" (CUDA graph over the engine's own cache) or
+        # "eager". The Triton-on-CPU test path (SUBLAYER_TRITON=1) must reach the kernels: eager.
+        if not compile or (device.type == "cpu" and use_triton(torch.empty(0))):
+            self.decode_mode = "eager"
+        else:
+            self.decode_mode = "graph" if device.type == "cuda" else "compiled"
+        self.graph_backend = torch.cuda
+        self._graph: fast_decode.DecodeGraph | None = None
         self._cache: KVCache | None = None
+        # reader: a CheckpointReader, or model.shapes.RandomWeights (no checkpoint, no tokenizer)
+        config = self.config
+        self.tokenizer = Tokenizer(checkpoint_dir, config.bos_token_id, config.eos_token_ids) if checkpoint_dir else None
+        self._load_weights(reader or CheckpointReader(checkpoint_dir))
+        self.cos, self.sin = kernels.rope_tables(
+            kernels.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling),
+            config.max_position_embeddings, device)
+        self.scale = config.head_dim ** -0.5
 
     # ---- weights -------------------------------------------------------------------------
-    def _load_weights(self):
-        c, rd = self.config, self.reader
-        shapes = needed_tensors(self.schedule.steps, c)
+    def _load_weights(self, rd):
+        shapes = needed_tensors(self.schedule.steps, self.config)
 
         def read(name):
             return rd.read(name, shapes[name], self.dtype, self.device)
 
+        def read_cat(*names):
+            return rd.read_cat([(n, shapes[n]) for n in names], self.dtype, self.device)
+
         self.embed = read("model.embed_tokens.weight")
         self.final_norm = read("model.norm.weight")
-        self.lm_head = self.embed if c.tie_word_embeddings else read("lm_head.weight")
+        self.lm_head = self.embed if self.config.tie_word_embeddings else read("lm_head.weight")
         self.layers = []
         for step in self.schedule.steps:
             p = f"model.layers.{step.layer}."
             if isinstance(step, AttentionStep):
-                qkv = rd.read_cat([(n, shapes[n]) for n in (p + f"self_attn.{x}_proj.weight" for x in "qkv")],
-                                  self.dtype, self.device)
+                qkv = read_cat(*(p + f"self_attn.{x}_proj.weight" for x in "qkv"))
                 self.layers.append(AttentionWeights(read(p + "input_layernorm.weight"), qkv,
                                                     read(p + "self_attn.o_proj.weight")))
             else:
-                gate_up = rd.read_cat([(n, shapes[n]) for n in (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")],
-                                      self.dtype, self.device)
+                gate_up = read_cat(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
                 self.layers.append(MlpWeights(read(p + "post_attention_layernorm.weight"), gate_up,
                                               read(p + "mlp.down_proj.weight")))
         self.names_read = rd.names_read
         rd.close()  # drop the memory maps: everything needed is copied into owned tensors
-        self.reader = None
 
     def with_plan(self, plan) -> "Engine":
         """An Engine for ``plan`` sharing this engine's weight tensors (nothing copied or re-read), so
@@ -186,6 +217,7 @@ class Engine:
         sub._cache = sub._graph = None
         return sub
 
+    # ---- accounting (the schedule counts; the engine knows its dtype) ----------------------
     @property
     def plan(self) -> Plan:
         return self.schedule.plan
@@ -197,29 +229,33 @@ class Engine:
     @property
     def weight_bytes(self) -> int:
         """Bytes of weights this plan loads (at the engine's dtype)."""
-        return self._param_count(self.schedule.steps) * self.elem_size
+        return self.schedule.weight_bytes(self.elem_size)
 
     @property
     def full_weight_bytes(self) -> int:
         """Bytes the same model would load with nothing dropped."""
-        full = compile_plan(load_plan(None, self.config.num_layers), self.config)
-        return self._param_count(full.steps) * self.elem_size
-
-    def _param_count(self, steps) -> int:
-        return sum(torch.Size(shape).numel() for shape in needed_tensors(steps, self.config).values())
+        return full_schedule(self.config).weight_bytes(self.elem_size)
 
     def kv_bytes(self, seq_len: int | None = None, batch: int = 1, full: bool = False) -> int:
         """KV-cache bytes for ``batch`` rows of ``seq_len`` positions (default: max_seq_len)."""
         seq_len = seq_len or self.max_seq_len or self.config.max_position_embeddings
-        slots = self.config.num_layers if full else self.schedule.num_kv_slots
-        return kv_bytes(slots, batch, seq_len, self.config.num_kv_heads, self.config.head_dim, self.elem_size)
+        schedule = full_schedule(self.config) if full else self.schedule
+        return schedule.kv_bytes(self.elem_size, seq_len, batch)
 
-    # ---- forward -------------------------------------------------------------------------
+    def step_bytes(self, context: int, batch: int = 1) -> int:
+        """Bytes one decode step reads with ``context`` cached positions per row (``Schedule.step_bytes``)."""
+        return self.schedule.step_bytes(self.elem_size, context, batch)
+
+    # ---- the KV cache --------------------------------------------------------------------------
     def new_cache(self, batch: int, seq_len: int) -> KVCache:
-        return KVCache(self.schedule.num_kv_slots, batch, self.config.num_kv_heads, seq_len,
-                       self.config.head_dim, self.dtype, self.device)
+        """A fresh zeroed cache; refused (UserError with the bytes) if memory cannot hold it."""
+        c = self.config
+        check_fits(self.kv_bytes(seq_len, batch), self.device, f"a KV cache of {batch} x {seq_len} positions")
+        return KVCache(self.schedule.num_kv_slots, batch, c.num_kv_heads, seq_len, c.head_dim, self.dtype, self.device)
 
-    def _get_cache(self, batch: int, seq_len: int) -> KVCache:
+    def own_cache(self, batch: int, seq_len: int) -> KVCache:
+        """The engine's own cache (``max_seq_len`` positions if set), reused while the batch and length
+        stay the same. On a GPU, ``decode_step`` over this cache replays one captured CUDA graph."""
         if self.max_seq_len is not None:
             seq_len = self.max_seq_len
         c = self._cache
@@ -228,77 +264,84 @@ class Engine:
             self._cache = c = self.new_cache(batch, seq_len)
         return c
 
-    @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache: KVCache, cache_start: int, kv_start: torch.Tensor,
-                positions: torch.Tensor, last_only: bool = False, observer=None) -> torch.Tensor:
-        """tokens: [B, T] at cache indices cache_start..cache_start+T-1; kv_start: [B] first valid cache
-        index per row (left padding); positions: [B, T] rotary positions. Returns logits [B, T or 1, V].
-
-        ``observer(step, x_in, x_out)``, if given, sees the residual stream [B, T, H] entering and
-        leaving every schedule step (x_out = x_in + sublayer(norm(x_in))): the importance tools use it."""
+    # ---- forward and decode --------------------------------------------------------------------
+    def _run(self, tokens, cache: KVCache, positions, index, kv_start, steps, prefill_start=None, length=None,
+             observer=None, last_only=False):
+        """The layers over ``steps`` (a ``fast_decode.Steps``): embedding, every schedule step, the head.
+        length: cut each cache slot to this many positions (the batch's longest used length)."""
         c = self.config
-        B, T = tokens.shape
-        if T == 1 and observer is None and self.compiled_decode:
-            return self._decode_compiled(tokens, cache, cache_start, kv_start, positions)
-        if T == 1 and observer is None and self.graph_decode and not isinstance(cache_start, torch.Tensor):
-            g = self._graph
-            if g is None or g.cache is not cache or g.batch != B:
-                self._graph = None  # release the old graph's memory pool first
-                self._graph = g = DecodeGraph(self, cache, B)
-            return g(tokens, cache_start, kv_start, positions)
         eps = c.rms_norm_eps
         x = F.embedding(tokens, self.embed)
-        pending = None  # last sublayer's output, added to the residual stream by the next add+norm
-        if isinstance(cache_start, torch.Tensor):  # [1] int64 on the device (CUDA graph capture)
-            kv_end = (cache_start + T).to(torch.int32).expand(B).contiguous()
-        else:
-            kv_end = torch.full((B,), cache_start + T, dtype=torch.int32, device=tokens.device)
-        q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        pending = None if prefill_start is not None else torch.zeros_like(x)  # x + 0: one compiled form
         for step, w in zip(self.schedule.steps, self.layers):
-            x, h = kernels.add_rmsnorm(pending, x, w.norm, eps)
             if isinstance(step, AttentionStep):
-                q, k, v = F.linear(h, w.qkv).split([q_dim, kv_dim, kv_dim], dim=-1)
-                q = q.view(B, T, c.num_heads, c.head_dim)
-                k = k.view(B, T, c.num_kv_heads, c.head_dim)
-                v = v.view(B, T, c.num_kv_heads, c.head_dim)
                 kc, vc = cache.k[step.slot], cache.v[step.slot]
-                q = kernels.rotary_write_kv(q, k, v, self.cos, self.sin, positions, kc, vc, cache_start)
-                if T == 1:
-                    o = kernels.decode_attention(q[:, 0], kc, vc, kv_start, kv_end, self.scale)
-                else:
-                    o = kernels.prefill_attention(q, kc, vc, cache_start, kv_start, self.scale)
-                pending = F.linear(o.reshape(B, T, q_dim), w.o)
+                if length is not None:
+                    kc, vc = kc[:, :, :length], vc[:, :, :length]
+                    torch._dynamo.maybe_mark_dynamic(kc, 2)  # one compiled step for every length
+                    torch._dynamo.maybe_mark_dynamic(vc, 2)
+                x, pending = steps.attention(pending, x, w.norm, w.qkv, w.o, kc, vc, self.cos, self.sin, positions,
+                                             index, kv_start, c.num_heads, c.num_kv_heads, eps, self.scale,
+                                             prefill_start=prefill_start)
             else:
-                pending = F.linear(kernels.swiglu(F.linear(h, w.gate_up)), w.down)
+                x, pending = steps.mlp(pending, x, w.norm, w.gate_up, w.down, eps)
             if observer is not None:
                 observer(step, x, x + pending)
         if last_only:
             x, pending = x[:, -1:], None if pending is None else pending[:, -1:]
-        _, h = kernels.add_rmsnorm(pending, x, self.final_norm, eps)
-        return F.linear(h, self.lm_head)
+        return steps.head(pending, x, self.final_norm, self.lm_head, eps)
 
-    def _decode_compiled(self, tokens, cache: KVCache, cache_start: int, kv_start, positions):
-        """One new token per row through the compiled CPU step (see ``runtime/cpu_decode.py``)."""
-        c = self.config
-        x = F.embedding(tokens, self.embed)
-        cos = self.cos[positions].to(x.dtype)[:, :, None, :]
-        sin = self.sin[positions].to(x.dtype)[:, :, None, :]
-        keys = torch.arange(cache.max_seq_len, device=x.device)[None]
-        mask = (keys >= kv_start[:, None]) & (keys <= cache_start)
-        index = torch.tensor([cache_start], device=x.device)
-        attention, mlp = cpu_decode.compiled(cpu_decode.attention_step), cpu_decode.compiled(cpu_decode.mlp_step)
-        torch._dynamo.maybe_mark_dynamic(mask, 1)  # one compiled step for every cache length
-        pending = torch.zeros_like(x)  # x + 0 == x: the first step compiles like every other
-        for step, w in zip(self.schedule.steps, self.layers):
-            if isinstance(step, AttentionStep):
-                kc, vc = cache.k[step.slot], cache.v[step.slot]
-                torch._dynamo.maybe_mark_dynamic(kc, 2)
-                torch._dynamo.maybe_mark_dynamic(vc, 2)
-                x, pending = attention(pending, x, w.norm, w.qkv, w.o, kc, vc, cos, sin, index, mask,
-                                       c.num_heads, c.num_kv_heads, c.rms_norm_eps, self.scale)
-            else:
-                x, pending = mlp(pending, x, w.norm, w.gate_up, w.down, c.rms_norm_eps)
-        return cpu_decode.compiled(cpu_decode.head_step)(pending, x, self.final_norm, self.lm_head, c.rms_norm_eps)
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache: KVCache, cache_start: int, kv_start: torch.Tensor,
+                positions: torch.Tensor, last_only: bool = False, observer=None) -> torch.Tensor:
+        """The eager path (prefill and scoring; never the fast decode path, whatever T is).
+
+        tokens: [B, T] at cache indices cache_start..cache_start+T-1 (an int, the same in every row);
+        kv_start: [B] int32 first valid cache index per row (left padding); positions: [B, T] rotary
+        positions. Returns logits [B, T or 1, V] in the engine's dtype.
+
+        ``observer(step, x_in, x_out)``, if given, sees the residual stream [B, T, H] entering and
+        leaving every schedule step (x_out = x_in + sublayer(norm(x_in))): the importance tools use it."""
+        B, T = tokens.shape
+        if cache_start < 0 or cache_start + T > cache.max_seq_len:
+            raise UserError(f"forward: cache indices {cache_start}..{cache_start + T - 1} outside the cache's "
+                            f"{cache.max_seq_len} positions")
+        index = torch.full((B,), cache_start, dtype=torch.long, device=tokens.device)
+        return self._run(tokens, cache, positions, index, kv_start, fast_decode.EAGER, prefill_start=cache_start,
+                         observer=observer, last_only=last_only)
+
+    @torch.inference_mode()
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache, index: torch.Tensor,
+                    kv_start: torch.Tensor | None = None) -> torch.Tensor:
+        """One new token per row: tokens [B, 1] int64; index [B] int64, the cache index each row's token
+        is written at (rows may stand at different positions); kv_start [B] int32, each row's first
+        valid cache index (default 0); its rotary position is index - kv_start. Returns logits [B, 1, V].
+
+        Runs the step functions of ``runtime.step``: compiled on CPU; on a GPU replayed as a CUDA graph
+        when ``cache`` is the engine's own (``own_cache``), captured once per such cache, and launched
+        plainly over any other cache (no capture per new cache)."""
+        B = tokens.shape[0]
+        if kv_start is None:
+            kv_start = torch.zeros(B, dtype=torch.int32, device=tokens.device)
+        if self.decode_mode == "graph" and cache is self._cache:
+            g = self._graph
+            if g is None or g.batch != B:
+                self._graph = None  # release the old graph's memory pool first
+                self._graph = g = fast_decode.DecodeGraph(weakref.WeakMethod(self._graph_step), cache, B,
+                                                          self.device, self.graph_backend)
+            return g(tokens, index, kv_start)
+        steps = fast_decode.compiled_steps() if self.decode_mode == "compiled" else fast_decode.EAGER
+        length = None
+        if self.device.type == "cpu":  # reading the index costs nothing here: cut the cache to what is used
+            length = int(index.max()) + 1
+            if length > cache.max_seq_len or int(index.min()) < 0:
+                raise UserError(f"decode_step: cache index {int(index.max()) if length > 1 else int(index.min())} "
+                                f"outside the cache's {cache.max_seq_len} positions")
+        return self._run(tokens, cache, (index - kv_start)[:, None], index, kv_start, steps, length=length)
+
+    def _graph_step(self, tokens, cache, index, kv_start):
+        """The step a CUDA graph captures: the eager step functions over the whole static cache."""
+        return self._run(tokens, cache, (index - kv_start)[:, None], index, kv_start, fast_decode.EAGER)
 
     def check_length(self, n: int, what: str):
         """UserError if ``n`` positions do not fit the context (``max_seq_len`` or the model's)."""
@@ -309,138 +352,48 @@ class Engine:
             raise UserError(f"{what} needs {n} positions, but the context holds {limit} "
                             f"({'--max-seq-len' if self.max_seq_len and self.max_seq_len < self.config.max_position_embeddings else 'max_position_embeddings of the model'})")
 
+    def check_token_ids(self, rows, what: str = "token ids"):
+        """UserError unless ``rows`` (lists of ids) hold only integers in 0..vocab_size-1."""
+        V = self.config.vocab_size
+        for r, row in enumerate(rows):
+            for i, t in enumerate(row):
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V:
+                    raise UserError(f"{what}: expected integers in 0..{V - 1} (the vocabulary), got {t!r} "
+                                    f"(row {r}, position {i})")
+
     @torch.inference_mode()
     def logits(self, token_ids, observer=None, last_only: bool = False) -> torch.Tensor:
         """Scoring: token_ids [T] or [B, T] (list or tensor, equal lengths) -> float32 logits [B, T, V]
-        ([B, 1, V] with ``last_only``). ``observer``: see ``forward``."""
-        ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device)
+        ([B, 1, V] with ``last_only``). ``observer``: see ``forward``. Always the eager path."""
+        ids = torch.as_tensor(token_ids, device=self.device)
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise UserError(f"logits: token ids must be integers, got {ids.dtype}")
+        ids = ids.long()
         if ids.dim() == 1:
             ids = ids[None]
         B, T = ids.shape
         if T == 0:
             raise UserError("logits: empty token sequence")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
+            raise UserError(f"logits: token ids must lie in 0..{self.config.vocab_size - 1} (the vocabulary), got "
+                            f"{int(ids.min())}..{int(ids.max())}")
         self.check_length(T, f"a sequence of {T} tokens")
-        cache = self.new_cache(B, T) if self.max_seq_len is None else self._get_cache(B, T)
+        cache = self.new_cache(B, T) if self.max_seq_len is None else self.own_cache(B, T)
         kv_start = torch.zeros(B, dtype=torch.int32, device=self.device)
         positions = torch.arange(T, device=self.device)[None].expand(B, T)
         return self.forward(ids, cache, 0, kv_start, positions, last_only=last_only, observer=observer).float()
 
     def encode_prompts(self, prompts, chat: bool = False) -> list[list[int]]:
+        if self.tokenizer is None:
+            raise UserError("this engine has no tokenizer (a random-weight --shape engine): pass token ids")
         if isinstance(prompts, str):
             prompts = [prompts]
         enc = self.tokenizer.encode_chat if chat else self.tokenizer.encode
         return [enc(p) for p in prompts]
 
-    @torch.inference_mode()
     def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, chat: bool = False, stop_at_eos: bool = True,
-                 stop_sequences: list[str] | None = None, on_token=None) -> Generation:
-        """Generate from text prompt(s) (str or list of str) or token ids (list of int lists).
-
-        Rows are left-padded to a common length; each row's rotary positions start at 0 at its first
-        real token. ``on_token(step, tokens[B])`` is called after each new token (for streaming).
-        A row also finishes when its decoded text contains one of ``stop_sequences``; ``texts`` are then
-        cut before the stop sequence (``tokens`` keep everything generated).
-        """
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], str)):
-            ids = self.encode_prompts(prompts, chat)
-        else:
-            ids = [list(p) for p in prompts]
-        if not ids or any(len(p) == 0 for p in ids):
-            raise UserError("prompt: empty (no tokens to start from)")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise UserError(f"--max-new-tokens: expected an integer >= 0, got {max_new_tokens!r}")
-        B, T0 = len(ids), max(len(p) for p in ids)
-        self.check_length(T0 + max_new_tokens, f"a prompt of {T0} tokens plus {max_new_tokens} new tokens")
-        dev = self.device
-        tokens = torch.full((B, T0), self.tokenizer.pad_id, dtype=torch.long)
-        for b, p in enumerate(ids):
-            tokens[b, T0 - len(p):] = torch.tensor(p)
-        tokens = tokens.to(dev)
-        kv_start = torch.tensor([T0 - len(p) for p in ids], dtype=torch.int32, device=dev)
-        positions = (torch.arange(T0, device=dev)[None] - kv_start[:, None]).clamp(min=0)
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(0 if seed is None else seed)
-        cache = self._get_cache(B, T0 + max_new_tokens)
-        eos = torch.tensor(self.tokenizer.eos_ids or [-1], device=dev)
-
-        t0 = t_step = time.perf_counter()
-        out = [[] for _ in range(B)]
-        finished = torch.zeros(B, dtype=torch.bool, device=dev)
-        prefill_s = decode_s = 0.0
-        steps = 0
-        if max_new_tokens > 0:
-            logits = self.forward(tokens, cache, 0, kv_start, positions, last_only=True)
-            for step in range(max_new_tokens):
-                nxt = sample(logits[:, -1].float(), temperature, top_k, top_p, gen)
-                nxt = torch.where(finished, self.tokenizer.pad_id, nxt)
-                for b, t in enumerate(nxt.tolist()):
-                    if not finished[b]:
-                        out[b].append(t)
-                if stop_at_eos:
-                    finished |= torch.isin(nxt, eos)
-                if stop_sequences:
-                    for b in range(B):
-                        if not finished[b] and _stop_at(self.tokenizer.decode(out[b][-32:]), stop_sequences) >= 0:
-                            finished[b] = True
-                if on_token is not None:
-                    on_token(step, nxt)
-                now = time.perf_counter()
-                if step == 0:
-                    prefill_s = now - t0
-                else:
-                    decode_s += now - t_step
-                    steps += 1
-                if bool(finished.all()) or step == max_new_tokens - 1:
-                    break
-                t_step = time.perf_counter()
-                pos = T0 + step
-                logits = self.forward(nxt[:, None], cache, pos, kv_start, (pos - kv_start)[:, None].long())
-        texts = [self.tokenizer.decode(o) for o in out]
-        if stop_sequences:
-            texts = [t[:i] if (i := _stop_at(t, stop_sequences)) >= 0 else t for t in texts]
-        return Generation(out, texts, B * T0, prefill_s, decode_s, steps, finished.tolist())
-
-
-class DecodeGraph:
-    """The decode step (one token per row, over one KV cache) captured as a CUDA graph (gpt-fast's
-    ``decode_one_token``): a call copies the token, positions, kv_start and cache index into static
-    device buffers and replays every kernel launch of the step at once. The kernels read the cache
-    index and the valid key range from device memory, so one capture serves every position."""
-
-    def __init__(self, engine: Engine, cache: KVCache, batch: int):
-        dev = engine.device
-        self.cache, self.batch = cache, batch
-        self.tokens = torch.zeros((batch, 1), dtype=torch.long, device=dev)
-        self.positions = torch.zeros((batch, 1), dtype=torch.long, device=dev)
-        self.kv_start = torch.zeros(batch, dtype=torch.int32, device=dev)
-        self.index = torch.zeros(1, dtype=torch.long, device=dev)
-        self.engine, self.graph, self.logits = engine, None, None
-
-    def _step(self):
-        return self.engine.forward(self.tokens, self.cache, self.index, self.kv_start, self.positions)
-
-    def __call__(self, tokens, cache_start: int, kv_start, positions):
-        self.tokens.copy_(tokens)
-        self.positions.copy_(positions)
-        self.kv_start.copy_(kv_start)
-        self.index.fill_(cache_start)
-        if self.graph is None:
-            # Warm-up on a side stream (Triton JIT, allocator), then capture. Both run with the real
-            # inputs, so the K/V they write at cache_start are the values this step writes anyway.
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._step()
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self._step()
-        self.graph.replay()
-        return self.logits.clone()  # the static output buffer is overwritten by the next replay
-
-
-def _stop_at(text: str, stops: list[str]) -> int:
-    """Index of the earliest stop sequence in ``text``, or -1."""
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(hits) if hits else -1
+                 stop_sequences: list[str] | None = None, on_token=None) -> generation.Generation:
+        """Generate from text prompt(s) or token ids: see ``runtime.generation.generate``."""
+        return generation.generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, chat,
+                                   stop_at_eos, stop_sequences, on_token)

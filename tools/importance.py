@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model.errors import UserError
-from runtime.compile import AttentionStep
+from runtime.schedule import AttentionStep
 from runtime.plan import resolve_plan
 from tools.calib import token_windows
 

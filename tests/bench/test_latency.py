@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from tests.models import STORIES
+from bench.hf_reference import STORIES
 
 
 def run(*args):

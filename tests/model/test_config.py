@@ -5,7 +5,7 @@ import pytest
 
 from model.config import load_config, parse_config
 from model.errors import UserError
-from tests.models import STORIES
+from bench.hf_reference import STORIES
 
 LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
              "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from model.errors import UserError
 from model.weights import CheckpointReader
-from tests.models import STORIES
+from bench.hf_reference import STORIES
 
 
 def test_reads_cast_and_records():

@@ -5,7 +5,7 @@ import torch
 
 import runtime
 from model.errors import UserError
-from tests.models import (
+from bench.hf_reference import (
     STORIES,
     TINY_CONFIGS,
     hf_model,
@@ -129,7 +129,7 @@ def test_triton_path_matches_hf(monkeypatch):
     """The whole model on the Triton kernels (interpreter on CPU), with a plan that drops attention
     (layer 0's included): prefill and decode logits within 1e-4 of HF with the same sublayers skipped,
     greedy tokens identical."""
-    from tests.models import skip_sublayers
+    from bench.hf_reference import skip_sublayers
 
     monkeypatch.setenv("SUBLAYER_TRITON", "1")
     plan = {"version": 1, "name": "attn-0-3", "drop": {"attention": [0, 3]}}

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import runtime
-from tests.models import STORIES
+from bench.hf_reference import STORIES
 
 
 def generate(*args):

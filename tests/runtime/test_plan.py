@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model.config import load_config
-from runtime.compile import AttentionStep, MlpStep, compile_plan
+from runtime.schedule import AttentionStep, MlpStep, compile_plan
 from runtime.plan import KINDS, PLANS_DIR, PlanError, load_plan, preset_plans, resolve_plan, rule_count
-from tests.models import STORIES
+from bench.hf_reference import STORIES
 
 
 @pytest.mark.parametrize("L, ks", [(30, (3, 8, 10)), (32, (3, 8, 11)), (5, (1, 1, 2))])

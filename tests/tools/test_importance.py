@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import runtime
 from tools.calib import WIKITEXT2, token_windows
 from tools.importance import choose, importance, similarities
-from tests.models import STORIES, hf_model, plan_parity
+from bench.hf_reference import STORIES, hf_model, plan_parity
 
 
 @torch.inference_mode()

@@ -18,7 +18,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 
 import tools.lm_eval_adapter as adapter  # noqa: E402
 from model.errors import UserError  # noqa: E402
-from tests.models import SHARED, STORIES, skip_sublayers  # noqa: E402
+from bench.hf_reference import SHARED, STORIES, skip_sublayers  # noqa: E402
 
 TOL = 1e-3
 

@@ -1,6 +1,5 @@
-"""Checkpoints for tests: the real stories260K and SmolLM2, and random tiny Llamas saved by transformers.
-
-Also the Hugging Face reference: a ``LlamaForCausalLM`` with the same sublayers zeroed by forward hooks
+"""The Hugging Face reference for the tests and ``python -m bench.parity``: checkpoints (the real stories260K,
+random tiny Llamas saved by transformers), and a ``LlamaForCausalLM`` with the same sublayers zeroed by forward hooks
 (the module still runs; its contribution to the residual stream is zero), and a step-by-step runner.
 """
 
@@ -86,14 +85,14 @@ def hf_prefill_decode(hf, prompt: torch.Tensor, steps: int):
 
 @torch.inference_mode()
 def ours_prefill_decode(engine, prompt: torch.Tensor, fed: list[int]):
-    """Our logits on the same path: prefill ``prompt`` [1, T], then feed ``fed`` one token at a time."""
+    """Our logits on the same path: prefill ``prompt`` [1, T] (``forward``), then feed ``fed`` one token
+    at a time (``decode_step``, the fast path as generation runs it)."""
     T = prompt.shape[1]
-    cache = engine.new_cache(1, T + len(fed))
+    cache = engine.own_cache(1, T + len(fed))
     kv_start = torch.zeros(1, dtype=torch.int32)
     logits = [engine.forward(prompt, cache, 0, kv_start, torch.arange(T)[None])[0, -1]]
     for i, t in enumerate(fed):
-        pos = T + i
-        logits.append(engine.forward(torch.tensor([[t]]), cache, pos, kv_start, torch.tensor([[pos]]))[0, -1])
+        logits.append(engine.decode_step(torch.tensor([[t]]), cache, torch.tensor([T + i]), kv_start)[0, -1])
     return logits
 
 

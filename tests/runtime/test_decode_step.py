@@ -1,10 +1,11 @@
-"""The inductor-compiled CPU decode step (runtime/cpu_decode.py) against Hugging Face and the eager reference."""
+"""``Engine.decode_step``: the step functions of ``runtime.step`` compiled on CPU, against Hugging Face and
+the same functions run eagerly; the fast path is taken by ``decode_step`` only, never by ``forward``."""
 
 import pytest
 import torch
 
 import runtime
-from tests.models import (
+from bench.hf_reference import (
     STORIES,
     TINY_CONFIGS,
     hf_model,
@@ -15,9 +16,6 @@ from tests.models import (
     step_errors,
 )
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the compiled decode step is the CPU path")
-
-
 @pytest.mark.parametrize("plan", [None, "attn66", "block66",
                                   {"version": 1, "drop": {"attention": [0, 3], "mlp": [1]}},
                                   {"version": 1, "drop": {"block": [0]}}])
@@ -25,7 +23,7 @@ def test_stories_parity_with_hf(plan):
     """Every decode step within 1e-4 of HF (same sublayers skipped), greedy tokens identical; the plans
     include a first step that is an MLP (nothing pending) and a dropped layer-0 attention."""
     engine = runtime.load(str(STORIES), plan=plan, dtype="float32", device="cpu")
-    assert engine.compiled_decode
+    assert engine.decode_mode == "compiled"
     hf = hf_model(STORIES)
     skip_sublayers(hf, engine.plan)
     prompt = torch.randint(3, engine.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(3))
@@ -46,7 +44,7 @@ def test_matches_eager_on_left_padded_batch():
     prompts = ["Once upon a time", "The little dog ran to the park and saw", "Lily"]
     compiled = runtime.load(str(STORIES), plan="attn66", dtype="float32", device="cpu")
     eager = runtime.load(str(STORIES), plan="attn66", dtype="float32", device="cpu", compile=False)
-    assert not eager.compiled_decode
+    assert eager.decode_mode == "eager"
     for n in (9, 23):  # two cache lengths: the compiled step is reused or rebuilt for the new length
         a = compiled.generate(prompts, max_new_tokens=n, stop_at_eos=False)
         b = eager.generate(prompts, max_new_tokens=n, stop_at_eos=False)
@@ -59,9 +57,8 @@ def test_matches_eager_on_left_padded_batch():
     for e, cache in zip((compiled, eager), caches):
         e.forward(ids, cache, 0, kv_start, positions)
     step = torch.tensor([[20], [21]])
-    pos = (6 - kv_start)[:, None].long()
-    a = compiled.forward(step, caches[0], 6, kv_start, pos)
-    b = eager.forward(step, caches[1], 6, kv_start, pos)
+    a = compiled.decode_step(step, caches[0], torch.tensor([6, 6]), kv_start)
+    b = eager.decode_step(step, caches[1], torch.tensor([6, 6]), kv_start)
     assert rel_err(a, b) < 1e-5
     # the compiled step wrote the new K/V where the eager one did
     assert torch.allclose(caches[0].k[:, :, :, 6], caches[1].k[:, :, :, 6], atol=1e-6)
@@ -79,7 +76,7 @@ def test_bfloat16_close_to_eager():
         cache = e.new_cache(1, 31)
         kv0 = torch.zeros(1, dtype=torch.int32)
         e.forward(ids, cache, 0, kv0, torch.arange(30)[None])
-        out.append(e.forward(torch.tensor([[7]]), cache, 30, kv0, torch.tensor([[30]])).float())
+        out.append(e.decode_step(torch.tensor([[7]]), cache, torch.tensor([30]), kv0).float())
     assert rel_err(out[0], out[1]) < 2e-2
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import runtime
 from runtime.plan import load_plan, preset_plans
-from tests.models import STORIES, hf_model, plan_parity
+from bench.hf_reference import STORIES, hf_model, plan_parity
 
 PRESETS = list(preset_plans())
 # plans that drop layer 0's attention (HF reads the sequence length from layer 0's cache: CONVENTIONS)

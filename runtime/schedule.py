@@ -1,13 +1,15 @@
-"""Plan + config -> schedule: the ordered sublayer steps that exist, and the KV-cache layout.
+"""Plan + config -> schedule: the ordered sublayer steps that exist, the KV-cache layout, and the bytes.
 
 A dropped attention sublayer has no step, no weights (its input norm included) and no KV slot;
-a dropped MLP has no step and no weights (its post-attention norm included).
+a dropped MLP has no step and no weights (its post-attention norm included). The schedule is the one
+place that counts bytes: the weights a plan loads and what one decode step reads.
 """
 
 from dataclasses import dataclass
+from math import prod
 
 from model.config import LlamaConfig
-from runtime.plan import Plan
+from runtime.plan import Plan, load_plan
 
 
 @dataclass(frozen=True)
@@ -21,15 +23,29 @@ class MlpStep:
     layer: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Schedule:
     steps: tuple
     num_kv_slots: int
     plan: Plan
+    config: LlamaConfig
 
-    def tensor_shapes(self, config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-        """Checkpoint tensor name -> expected shape, for exactly the tensors this schedule runs."""
-        return needed_tensors(self.steps, config)
+    def weight_bytes(self, elem: int) -> int:
+        """Bytes of the weights this schedule loads, ``elem`` bytes per element."""
+        return sum(prod(s) for s in needed_tensors(self.steps, self.config).values()) * elem
+
+    def kv_bytes(self, elem: int, positions: int, batch: int = 1) -> int:
+        """KV-cache bytes: 2 (K, V) x kept attention sublayers x batch x positions x KV heads x head dim."""
+        c = self.config
+        return 2 * self.num_kv_slots * batch * positions * c.num_kv_heads * c.head_dim * elem
+
+    def step_bytes(self, elem: int, context: int, batch: int = 1) -> int:
+        """Bytes one decode step reads at ``context`` cached positions per row: every loaded weight
+        except the embedding table (one row of it is read; a tied LM head reads it whole), and the KV
+        cache of every row."""
+        c = self.config
+        embed = 0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size * elem
+        return self.weight_bytes(elem) - embed + self.kv_bytes(elem, context, batch)
 
 
 def compile_plan(plan: Plan, config: LlamaConfig) -> Schedule:
@@ -42,10 +58,16 @@ def compile_plan(plan: Plan, config: LlamaConfig) -> Schedule:
             slot += 1
         if layer not in plan.drop_mlp:
             steps.append(MlpStep(layer))
-    return Schedule(tuple(steps), slot, plan)
+    return Schedule(tuple(steps), slot, plan, config)
+
+
+def full_schedule(config: LlamaConfig) -> Schedule:
+    """The schedule of the same model with nothing dropped."""
+    return compile_plan(load_plan(None, config.num_layers), config)
 
 
 def needed_tensors(steps, config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensor name -> shape, for exactly the tensors ``steps`` run."""
     H, D, I = config.hidden_size, config.head_dim, config.intermediate_size
     q_dim, kv_dim = config.num_heads * D, config.num_kv_heads * D
     shapes = {"model.embed_tokens.weight": (config.vocab_size, H), "model.norm.weight": (H,)}

@@ -1,0 +1,107 @@
+"""The decode step, written once: one new token per row through the attention, MLP and head steps.
+
+Every device runs these functions (gpt-fast's ``decode_one_token``): on CPU each is compiled once with
+inductor (``runtime.fast_decode.compiled_steps``) and shared by every layer of its kind, every plan and
+every engine; on a GPU the whole step, these functions over every layer, is captured as one CUDA graph
+(``runtime.fast_decode.DecodeGraph``); ``compile=False`` runs them as they are. They are built from
+``kernels.*`` ops (Triton on CUDA tensors, the torch references on CPU) and free of host syncs and
+static in shape, so that a compiler or a graph can take them whole:
+
+- the KV cache is written by index: row b's new key and value go to cache index ``index[b]``;
+- attention runs over the cache it is given under a mask (keys ``kv_start[b] .. index[b]``): on CPU
+  the caller passes the cache cut to the batch's longest used length (a dynamic dimension, one
+  compiled step for every length); the Triton kernel reads the bounds from device memory and loads
+  only the keys inside them.
+
+``project(x, w)`` is the one device-specific part: ``F.linear`` by default; the compiled CPU step
+passes ``multiply_reduce``, which inductor turns into a fused loop that streams weights about twice
+as fast as a GEMV. A quantized projection plugs in here, and nothing else of the step changes.
+"""
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels.dispatch import use_triton
+
+
+def multiply_reduce(x, w):
+    """x: [B, 1, K], w: [N, K] -> [B, 1, N]: one row as a multiply-reduce (inductor's fused loop); more
+    rows as a GEMM, which re-reads each weight row less often than B reduction passes would."""
+    if x.shape[0] * x.shape[1] == 1:
+        return (x.unsqueeze(-2) * w).sum(-1)
+    return F.linear(x, w)
+
+
+def rotary_write_kv(q, k, v, cos, sin, positions, k_cache, v_cache, index):
+    """Rotate q and k (Hugging Face rotate-half) and write rotated k and v into the cache by index.
+
+    q: [B, T, Hq, D]; k, v: [B, T, Hkv, D]; cos, sin: [P, D] float32 tables; positions: [B, T] rotary
+    positions; k_cache, v_cache: [B, Hkv, S, D]; index: [B] int64, row b's token t goes to cache index
+    ``index[b] + t``. Returns rotated q [B, T, Hq, D]. (On CUDA the Triton kernel reads ``index[0]`` for
+    every row: rows of a batch advance together there; see the report of issue 14.)"""
+    if use_triton(q):
+        return kernels.rotary_write_kv(q, k, v, cos, sin, positions, k_cache, v_cache, index)
+    c = cos[positions].to(q.dtype)[:, :, None, :]
+    s = sin[positions].to(q.dtype)[:, :, None, :]
+    B, T = q.shape[:2]
+    rows = torch.arange(B, device=q.device)[:, None]
+    cols = index[:, None] + torch.arange(T, device=q.device)[None]
+    k_cache[rows, :, cols] = _rotate(k, c, s)  # [B, T, Hkv, D] at (b, :, index[b] + t)
+    v_cache[rows, :, cols] = v
+    return _rotate(q, c, s)
+
+
+def _rotate(t, cos, sin):
+    t1, t2 = t.chunk(2, dim=-1)
+    return t * cos + torch.cat((-t2, t1), dim=-1) * sin
+
+
+def decode_attention(q, k_cache, v_cache, kv_start, kv_end, scale: float):
+    """q: [B, Hq, D]; k_cache, v_cache: [B, Hkv, S, D]; row b attends to keys kv_start[b] <= k < kv_end[b]
+    (never none: its own new key is among them). Returns [B, Hq, D]. On CPU: a masked softmax over
+    the S keys given, GQA without repeating K/V (a KV head's query heads form a [group, D] block)."""
+    if use_triton(q):
+        return kernels.decode_attention(q, k_cache, v_cache, kv_start, kv_end, scale)
+    B, Hq, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    keys = torch.arange(S, device=q.device)[None]
+    mask = (keys >= kv_start[:, None]) & (keys < kv_end[:, None])  # [B, S]
+    scores = torch.matmul(q.view(B, Hkv, Hq // Hkv, D), k_cache.transpose(-1, -2)).float() * scale
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1).to(q.dtype)
+    return torch.matmul(p, v_cache).view(B, Hq, D)
+
+
+def attention_step(pending, x, norm, qkv, o, k_cache, v_cache, cos, sin, positions, index, kv_start,
+                   heads: int, kv_heads: int, eps: float, scale: float, project=F.linear, prefill_start=None):
+    """pending, x: [B, T, H] the last sublayer's output (zeros or None before the first) and the residual
+    stream; norm: [H]; qkv: [(Hq + 2 Hkv) D, H]; o: [H, Hq D]; k_cache, v_cache: [B, Hkv, S, D];
+    cos, sin: [P, D] tables; positions: [B, T] rotary positions; index: [B] int64 cache index of each
+    row's first token; kv_start: [B] int32 first valid cache index (left padding). Decode (T = 1):
+    attention over the cache under a mask. ``prefill_start`` (an int, eager only): the chunk starts at
+    that cache index in every row and attends causally (``kernels.prefill_attention``).
+    Returns (x, attention output [B, T, H])."""
+    B, T = x.shape[:2]
+    D = k_cache.shape[-1]
+    x, h = kernels.add_rmsnorm(pending, x, norm, eps)
+    q, k, v = project(h, qkv).split([heads * D, kv_heads * D, kv_heads * D], dim=-1)
+    q = rotary_write_kv(q.view(B, T, heads, D), k.view(B, T, kv_heads, D), v.view(B, T, kv_heads, D),
+                        cos, sin, positions, k_cache, v_cache, index)
+    if prefill_start is None:
+        out = decode_attention(q[:, 0], k_cache, v_cache, kv_start, (index + 1).to(kv_start.dtype), scale)
+    else:
+        out = kernels.prefill_attention(q, k_cache, v_cache, prefill_start, kv_start, scale)
+    return x, project(out.reshape(B, T, heads * D), o)
+
+
+def mlp_step(pending, x, norm, gate_up, down, eps: float, project=F.linear):
+    """gate_up: [2 I, H] (gate and up fused); down: [H, I]. Returns (x, MLP output [B, T, H])."""
+    x, h = kernels.add_rmsnorm(pending, x, norm, eps)
+    return x, project(kernels.swiglu(project(h, gate_up)), down)
+
+
+def head_step(pending, x, norm, lm_head, eps: float, project=F.linear):
+    """Final add + RMSNorm and the LM head: logits [B, T, V] in x's dtype."""
+    _, h = kernels.add_rmsnorm(pending, x, norm, eps)
+    return project(h, lm_head)
