@@ -35,14 +35,14 @@ def decode_attention(q, k_cache, v_cache, kv_start, kv_end, scale: float):
 # block is read once; a second kernel merges the slices. The split is a run-time argument (not a
 # constexpr), so one compiled kernel serves every cache length.
 
-@triton.jit(do_not_specialize=["num_splits", "split_len"])
+@triton.jit(do_not_specialize=["S", "num_splits", "split_len"])
 def _decode_attention_split_kernel(
     Q, K_CACHE, V_CACHE, KV_START, KV_END, ACC, M, L,
     stride_qb, stride_qh,  # q: [B, Hq, D], unit stride along D (same for the others)
     stride_kb, stride_kh, stride_ks,  # k_cache: [B, Hkv, S, D]
     stride_vb, stride_vh, stride_vs,  # v_cache: [B, Hkv, S, D]
     HKV, GROUP, D, qk_scale,  # GROUP = Hq // Hkv; qk_scale = softmax scale * log2(e)
-    num_splits, split_len,
+    S, num_splits, split_len,  # S: cache positions (keys past it are never read, whatever kv_end says)
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -58,7 +58,7 @@ def _decode_attention_split_kernel(
     # The row's valid keys kv_start <= k < kv_end, clipped to this program's slice (read on the
     # device, so the launch needs no host sync and can live in a CUDA graph).
     lo = tl.maximum(tl.load(KV_START + b).to(tl.int32), split * split_len)
-    hi = tl.minimum(tl.load(KV_END + b).to(tl.int32), (split + 1) * split_len)
+    hi = tl.minimum(tl.minimum(tl.load(KV_END + b).to(tl.int32), (split + 1) * split_len), S)
 
     # The group's queries: [BLOCK_G, BLOCK_D]; every one sees all keys of [lo, hi).
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
@@ -155,7 +155,7 @@ def decode_attention_triton(q, k_cache, v_cache, kv_start, kv_end, scale):
            q.stride(0), q.stride(1),
            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-           Hkv, Hq // Hkv, D, float(scale) * 1.4426950408889634, splits, cfg["split_len"],
+           Hkv, Hq // Hkv, D, float(scale) * 1.4426950408889634, S, splits, cfg["split_len"],
            BLOCK_G=cfg["BLOCK_G"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)

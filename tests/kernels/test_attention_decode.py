@@ -82,3 +82,21 @@ def test_one_compilation_serves_every_cache_length(model):
             keys.setdefault(launch.what, set()).add(jit_cache_key(launch))
     allowed = 2 if MODELS[model]["head_dim"] < 16 else 1
     assert len(keys) == 7 and all(len(k) <= allowed for k in keys.values()), {w: len(k) for w, k in keys.items()}
+
+
+def test_kv_end_past_the_cache_reads_nothing_outside_it():
+    """kv_end comes from device memory (no host check in a CUDA graph): keys past the cache are never
+    read. The cache is a view into a NaN buffer; the result equals attention over the whole cache."""
+    B, Hq, Hkv, D, S = 1, 4, 2, 16, 70
+    g = torch.Generator().manual_seed(2)
+    q = randn(B, Hq, D, dtype=torch.float32, gen=g)
+    buffers = [torch.full((B, Hkv, S + 64, D), float("nan"), device=DEVICE) for _ in range(2)]
+    for b in buffers:
+        b[:, :, :S] = randn(B, Hkv, S, D, dtype=torch.float32, gen=g)
+    kc, vc = (b[:, :, :S] for b in buffers)
+    kvs = torch.zeros(B, dtype=torch.int64, device=DEVICE)
+    ref = decode_attention_reference(q, kc, vc, kvs, torch.full((B,), S, device=DEVICE), 0.25)
+    with triton_path():
+        out = kernels.decode_attention(q, kc, vc, kvs, torch.full((B,), S + 40, dtype=torch.int32, device=DEVICE),
+                                       0.25)
+    assert_close(out, ref, ATTENTION_TOL[torch.float32])
