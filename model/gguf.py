@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model.config import parse_config
 from model.errors import UserError
 
 GGUF_MAGIC = b"GGUF"
@@ -187,6 +188,23 @@ def _require(meta: dict, key: str, path: Path):
     return meta[key]
 
 
+def _meta_int(meta: dict, key: str, path: Path, default=..., lo: int = 1) -> int:
+    """Metadata ``key`` as an integer >= lo (``default`` when absent; required without one)."""
+    value = _require(meta, key, path) if default is ... else meta.get(key, default)
+    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or value < lo:
+        raise UserError(f"{path}: GGUF metadata {key} must be an integer >= {lo}, got {value!r}")
+    return int(value)
+
+
+def _meta_float(meta: dict, key: str, path: Path, default: float) -> float:
+    """Metadata ``key`` as a finite positive number (``default`` when absent)."""
+    value = meta.get(key, default)
+    ok = isinstance(value, (int, float, np.number)) and not isinstance(value, (bool, np.bool_))
+    if not ok or not math.isfinite(value) or value <= 0:
+        raise UserError(f"{path}: GGUF metadata {key} must be a finite positive number, got {value!r}")
+    return float(value)
+
+
 def _float32_repr(x: float) -> float:
     """The shortest decimal that rounds to the same float32 (9.999999747e-06 -> 1e-05)."""
     return float(str(np.float32(x)))
@@ -230,13 +248,13 @@ def _build_config(reader, meta: dict, path: Path) -> dict:
     if meta.get(f"{arch}.expert_count", 0):
         raise UserError(f"{path}: mixture-of-experts llama models are not supported")
 
-    hidden = int(_require(meta, f"{arch}.embedding_length", path))
-    n_head = int(_require(meta, f"{arch}.attention.head_count", path))
-    n_head_kv = int(meta.get(f"{arch}.attention.head_count_kv", n_head))
-    head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // n_head))
-    if int(meta.get(f"{arch}.attention.value_length", head_dim)) != head_dim:
+    hidden = _meta_int(meta, f"{arch}.embedding_length", path)
+    n_head = _meta_int(meta, f"{arch}.attention.head_count", path)
+    n_head_kv = _meta_int(meta, f"{arch}.attention.head_count_kv", path, n_head)
+    head_dim = _meta_int(meta, f"{arch}.attention.key_length", path, max(1, hidden // n_head))
+    if _meta_int(meta, f"{arch}.attention.value_length", path, head_dim) != head_dim:
         raise UserError(f"{path}: key and value head sizes differ; not a Llama layout")
-    rot = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
+    rot = _meta_int(meta, f"{arch}.rope.dimension_count", path, head_dim)
     if rot != head_dim:
         raise UserError(f"{path}: partial rotary embeddings ({rot} of {head_dim}) are not supported")
 
@@ -245,10 +263,10 @@ def _build_config(reader, meta: dict, path: Path) -> dict:
     if embd is None:
         raise UserError(f"{path}: no token_embd.weight tensor")
     vocab = int(embd.shape[-1])  # rows of the embedding (GGUF shape is [hidden, vocab])
-    if int(meta.get(f"{arch}.vocab_size", vocab)) != vocab:
+    if _meta_int(meta, f"{arch}.vocab_size", path, vocab) != vocab:
         raise UserError(f"{path}: {arch}.vocab_size {meta[f'{arch}.vocab_size']} != token_embd rows {vocab}")
 
-    theta = float(meta.get(f"{arch}.rope.freq_base", 10000.0))
+    theta = _meta_float(meta, f"{arch}.rope.freq_base", path, 10000.0)
     _refuse_rope_scaling_metadata(meta, arch, path)
     rope_scaling = None
     if _ROPE_FREQS in names:
@@ -259,14 +277,14 @@ def _build_config(reader, meta: dict, path: Path) -> dict:
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": hidden,
-        "intermediate_size": int(_require(meta, f"{arch}.feed_forward_length", path)),
-        "num_hidden_layers": int(_require(meta, f"{arch}.block_count", path)),
+        "intermediate_size": _meta_int(meta, f"{arch}.feed_forward_length", path),
+        "num_hidden_layers": _meta_int(meta, f"{arch}.block_count", path),
         "num_attention_heads": n_head,
         "num_key_value_heads": n_head_kv,
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": int(meta.get(f"{arch}.context_length", 2048)),
-        "rms_norm_eps": _float32_repr(float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5))),
+        "max_position_embeddings": _meta_int(meta, f"{arch}.context_length", path, 2048),
+        "rms_norm_eps": _float32_repr(_meta_float(meta, f"{arch}.attention.layer_norm_rms_epsilon", path, 1e-5)),
         "rope_theta": theta,
         "rope_scaling": rope_scaling,
         "vocab_size": vocab,
@@ -282,7 +300,8 @@ def _build_config(reader, meta: dict, path: Path) -> dict:
     for name in ("bos", "eos", "pad"):
         key = f"tokenizer.ggml.{'padding' if name == 'pad' else name}_token_id"
         if key in meta:
-            config[f"{name}_token_id"] = int(meta[key])
+            config[f"{name}_token_id"] = _meta_int(meta, key, path, lo=0)
+    parse_config(config, f"{path} (as config.json)")  # the runtime's own checks, before anything is written
     return config
 
 
@@ -341,6 +360,8 @@ def _dequantize(t, shape: tuple, path: Path) -> np.ndarray:
         w = quants.dequantize(np.asarray(t.data), qtype)
     except NotImplementedError as e:
         raise UserError(f"{path}: tensor {t.name!r} has unsupported quantization type {qtype.name}") from e
+    except (ValueError, TypeError) as e:  # blocks that do not fit the tensor's shape
+        raise UserError(f"{path}: tensor {t.name!r} cannot be dequantized as {qtype.name} ({e})") from None
     if qtype == GGMLQuantizationType.F32:
         w = np.array(w, dtype=np.float32)  # copy out of the memory map
     w = np.ascontiguousarray(w, dtype=np.float32)
@@ -380,6 +401,13 @@ def _write_tokenizer(gguf_path: Path, meta: dict, config: dict, out: Path) -> No
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
 
+    n_tokens = meta.get("tokenizer.ggml.tokens", 0)  # _metadata keeps the count
+    for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"):
+        if f"tokenizer.ggml.{key}" in meta:
+            i = _meta_int(meta, f"tokenizer.ggml.{key}", gguf_path, lo=0)
+            if i >= n_tokens:
+                raise UserError(f"{gguf_path}: GGUF metadata tokenizer.ggml.{key} is {i}, beyond the {n_tokens} tokens "
+                                f"of tokenizer.ggml.tokens")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -402,7 +430,7 @@ def _write_tokenizer(gguf_path: Path, meta: dict, config: dict, out: Path) -> No
 
     def token(key):
         i = meta.get(f"tokenizer.ggml.{key}")
-        return tok.convert_ids_to_tokens(int(i)) if i is not None else None
+        return tok.convert_ids_to_tokens(i) if i is not None else None
 
     specials = {
         "bos_token": token("bos_token_id"),

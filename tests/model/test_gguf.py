@@ -7,6 +7,7 @@ exactly, untied output and BOS-adding tokenizers included, and stands in for bro
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -162,25 +163,25 @@ def write_tiny_gguf(path: Path, *, arch="llama", qtype=None, add_bos=True, tied=
             sd[k].uniform_(0.5, 1.5)
 
     w = gguf.GGUFWriter(path, arch)
-    w.add_block_count(2)
-    w.add_context_length(128)
-    w.add_embedding_length(64)
-    w.add_feed_forward_length(96)
-    w.add_head_count(4)
-    w.add_head_count_kv(2)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(16)
+    meta = {f"{arch}.block_count": 2, f"{arch}.context_length": 128, f"{arch}.embedding_length": 64,
+            f"{arch}.feed_forward_length": 96, f"{arch}.attention.head_count": 4, f"{arch}.attention.head_count_kv": 2,
+            f"{arch}.rope.freq_base": 10000.0, f"{arch}.attention.layer_norm_rms_epsilon": 1e-5,
+            f"{arch}.rope.dimension_count": 16, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
+    for key, value in (meta | (extra_meta or {})).items():  # typed as llama.cpp writes them; overrides as given
+        if isinstance(value, str):
+            w.add_string(key, value)
+        elif isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            (w.add_uint32 if 0 <= value < 2 ** 32 else w.add_int64)(key, value)
+        else:
+            w.add_float32(key, value)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
     w.add_add_bos_token(add_bos)
-    for key, value in (extra_meta or {}).items():
-        (w.add_string if isinstance(value, str) else w.add_float32)(key, value)
 
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
@@ -417,3 +418,23 @@ def test_rope_scaling_metadata_refused_rope_freqs_read(tmp_path):
     path, _ = write_tiny_gguf(tmp_path / "l3.gguf", extra={"rope_freqs.weight": freqs})
     out = import_gguf(path, tmp_path / "l3", show_progress=False)
     assert json.loads((out / "config.json").read_text())["rope_scaling"] == scaling
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("llama.attention.head_count", 0, "llama.attention.head_count must be an integer >= 1, got 0"),
+    ("llama.embedding_length", "64", "llama.embedding_length must be an integer >= 1, got '64'"),
+    ("llama.attention.head_count_kv", 3, "field 'num_key_value_heads' (3) must divide"),
+    ("llama.attention.layer_norm_rms_epsilon", float("nan"), "layer_norm_rms_epsilon must be a finite positive number"),
+    ("llama.rope.freq_base", -1.0, "rope.freq_base must be a finite positive number"),
+    ("llama.context_length", -5, "llama.context_length must be an integer >= 1"),
+    ("llama.block_count", 10 ** 6, "field 'num_hidden_layers' must be an integer in 1..1024"),
+    ("tokenizer.ggml.eos_token_id", 10 ** 6, "field 'eos_token_id' must be an integer in 0.."),
+    ("tokenizer.ggml.padding_token_id", 100000, "tokenizer.ggml.padding_token_id is 100000, beyond"),
+    ("llama.rope.scaling.type", "yarn", "llama.rope.scaling.type is 'yarn'"),
+])
+def test_hostile_metadata_is_named(tmp_path, key, value, words):
+    path, _ = write_tiny_gguf(tmp_path / "h.gguf", extra_meta={key: value})
+    with pytest.raises(UserError, match=re.escape(words)) as e:
+        import_gguf(path, tmp_path / "out", show_progress=False)
+    assert str(e.value).startswith(str(path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.gguf"]
