@@ -300,8 +300,13 @@ def write_checkpoint(tensors: dict, source_dir, plan, out, *, fmt: str = "auto",
         print(n, file=log)
 
     ordered = {name: tensors[name] for name in shapes}
-    elem = next(iter(ordered.values())).element_size()  # checkpoints store one dtype
-    full = sum(math.prod(shape) for shape in full_shapes.values()) * elem
+    dtypes = {t.dtype for t in ordered.values()}
+    if len(dtypes) > 1:
+        raise ValueError(f"write_checkpoint: tensors must share one dtype, got {sorted(map(str, dtypes))}")
+    dtype = dtypes.pop()
+    for key in [k for k in ("torch_dtype", "dtype") if k in new_config] or ["torch_dtype"]:
+        new_config[key] = str(dtype).removeprefix("torch.")  # what is stored, e.g. after healing in bfloat16
+    full = sum(math.prod(shape) for shape in full_shapes.values()) * dtype.itemsize
     with install_dir(out, replace=force, inputs=[src, plan_file(plan)]) as tmp:
         written = _write_tensors(ordered, tmp, limit, progress)
         (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")

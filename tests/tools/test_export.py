@@ -240,3 +240,8 @@ def test_write_checkpoint_from_memory(tmp_path):
         write_checkpoint(tensors, STORIES, str(plan_file), tmp_path / "healed", force=True, progress=False)
     with pytest.raises(ValueError, match="missing"):
         write_checkpoint({}, STORIES, MIXED0, tmp_path / "x", progress=False)
+    info = write_checkpoint({k: v.bfloat16() for k, v in tensors.items()}, STORIES, MIXED0, tmp_path / "bf16",
+                            progress=False)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert info["written"] * 2 == sum(t.numel() * 4 for t in tensors.values()) and info["full"] == 1040128 // 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16", "healed", "nas"]
