@@ -52,6 +52,8 @@ def current_umask() -> int:
 
 def check_out_path(out, inputs=()) -> Path:
     """``out`` resolved; a ``UserError`` if it equals, contains or sits inside any input, or is a file."""
+    if not str(out).strip():
+        raise UserError("--out: an empty path; name the output directory")
     given = Path(out).expanduser()
     target = given.resolve()
     for inp in inputs:

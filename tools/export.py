@@ -269,7 +269,7 @@ def write_checkpoint(tensors: dict, source_dir, plan, out, *, fmt: str = "auto",
     Returns {"written": bytes, "full": bytes, "format": fmt, "files": [...], "notes": [...]}.
     """
     log = log or sys.stderr
-    from model.atomic import install_dir
+    from model.atomic import LOCK_NAME, install_dir
     from model.config import load_config
     from runtime.schedule import compile_plan, needed_tensors
     from runtime.plan import load_plan, plan_file
@@ -316,7 +316,7 @@ def write_checkpoint(tensors: dict, source_dir, plan, out, *, fmt: str = "auto",
             if (src / f).is_file():
                 shutil.copyfile(src / f, tmp / f)
         (tmp / "README.md").write_text(_readme(fmt, target.name, resolved, written, full, notes))
-        files = sorted(p.name for p in tmp.iterdir() if p.name != ".sublayer-lock")
+        files = sorted(p.name for p in tmp.iterdir() if p.name != LOCK_NAME)
     print(f"plan: {resolved.describe()}", file=log)
     print(f"format: {fmt}", file=log)
     print(f"weights written: {_mib(written)} ({written} bytes; full checkpoint {_mib(full)}, {full} bytes; "

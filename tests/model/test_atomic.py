@@ -141,3 +141,12 @@ def test_interrupt_between_renames_puts_old_back(tmp_path, monkeypatch):
         with install_dir(out, replace=True) as tmp:
             (tmp / "new").write_text("x")
     assert listing(tmp_path) == ["out", "out/keep"]
+
+
+def test_empty_out_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "precious").write_text("x")
+    with pytest.raises(UserError, match="--out: an empty path"):
+        with install_dir("", replace=True):
+            pass
+    assert listing(tmp_path) == ["precious"]
