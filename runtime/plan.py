@@ -11,9 +11,11 @@ layer), k = max(1, floor(L * fraction + 0.5)). ``block`` drops attention and MLP
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.config import shown
 from model.errors import UserError, read_json
 
 KINDS = ("attention", "mlp", "block")
@@ -127,10 +129,10 @@ def resolve_plan(raw, num_layers: int, where: str = "plan") -> Plan:
     if unknown:
         raise PlanError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
     if raw.get("version") != 1 or not _is_int(raw.get("version")):
-        raise PlanError(f"{where}: field 'version' must be 1, got {raw.get('version')!r}")
+        raise PlanError(f"{where}: field 'version' must be 1, got {shown(raw.get('version'))}")
     name = raw.get("name", "unnamed")
     if not isinstance(name, str):
-        raise PlanError(f"{where}: field 'name' must be a string, got {name!r}")
+        raise PlanError(f"{where}: field 'name' must be a string, got {shown(name)}")
     if "description" in raw and not isinstance(raw["description"], str):
         raise PlanError(f"{where}: field 'description' must be a string")
     if ("rule" in raw) == ("drop" in raw):
@@ -150,13 +152,13 @@ def _resolve_rule(rule, L: int, where: str):
         raise PlanError(f"{where}: unknown field(s) {sorted(unknown)} in 'rule'; allowed: {sorted(_RULE_KEYS)}")
     kind = rule.get("kind")
     if kind not in KINDS:
-        raise PlanError(f"{where}: field 'rule.kind' must be one of {list(KINDS)}, got {kind!r}")
+        raise PlanError(f"{where}: field 'rule.kind' must be one of {list(KINDS)}, got {shown(kind)}")
     fraction = rule.get("fraction")
     if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 < fraction <= 1:
-        raise PlanError(f"{where}: field 'rule.fraction' must be a number in (0, 1], got {fraction!r}")
+        raise PlanError(f"{where}: field 'rule.fraction' must be a number in (0, 1], got {shown(fraction)}")
     keep_last = rule.get("keep_last", False)
     if not isinstance(keep_last, bool):
-        raise PlanError(f"{where}: field 'rule.keep_last' must be true or false, got {keep_last!r}")
+        raise PlanError(f"{where}: field 'rule.keep_last' must be true or false, got {shown(keep_last)}")
     k = rule_count(L, fraction)
     room = L - 1 if keep_last else L
     if k > room:
@@ -181,11 +183,11 @@ def _resolve_drop(drop, L: int, where: str):
             raise PlanError(f"{where}: field 'drop.{kind}' must be a list of layer indices")
         for i in ids:
             if not _is_int(i):
-                raise PlanError(f"{where}: field 'drop.{kind}' must hold integers, got {i!r}")
+                raise PlanError(f"{where}: field 'drop.{kind}' must hold integers, got {shown(i)}")
             if not 0 <= i < L:
                 raise PlanError(f"{where}: field 'drop.{kind}' has layer {i}, expected 0..{L - 1} for a {L}-layer model")
         if len(set(ids)) != len(ids):
-            dups = sorted({i for i in ids if ids.count(i) > 1})
+            dups = sorted(i for i, n in Counter(ids).items() if n > 1)
             raise PlanError(f"{where}: field 'drop.{kind}' lists layer(s) {dups} more than once")
         lists[kind] = set(ids)
     for kind in ("attention", "mlp"):

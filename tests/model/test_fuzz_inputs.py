@@ -212,3 +212,14 @@ def test_hostile_examples_named(ckpts, tmp_path):
         write(tmp_path / "n" / "config.json", dict(plain, **{field: value}))
         with pytest.raises(UserError, match=f"n/config.json: field '{field}'"):
             load_config(tmp_path / "n")
+
+
+def test_huge_plan_values_fail_fast_with_short_messages():
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"lists layer\(s\) \[0\] more than once"):
+        resolve_plan({"version": 1, "drop": {"attention": [0] * 200_000}}, 5)
+    with pytest.raises(UserError) as e:
+        resolve_plan({"version": 1, "rule": {"kind": ["x"] * 100_000, "fraction": 0.5}}, 5)
+    assert len(str(e.value)) < 300 and time.monotonic() - start < 2
