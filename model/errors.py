@@ -15,8 +15,8 @@ def read_json(path, error=UserError):
 
     try:
         return json.loads(open(path, encoding="utf-8").read())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise error(f"{path}: not readable JSON ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, a 5000-digit number
+        raise error(f"{path}: not readable JSON ({str(e)[:200]})") from None
 
 
 def cli_main(main):

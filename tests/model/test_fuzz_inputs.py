@@ -223,3 +223,10 @@ def test_huge_plan_values_fail_fast_with_short_messages():
     with pytest.raises(UserError) as e:
         resolve_plan({"version": 1, "rule": {"kind": ["x"] * 100_000, "fraction": 0.5}}, 5)
     assert len(str(e.value)) < 300 and time.monotonic() - start < 2
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000, '{"hidden_size": 1' + "0" * 5000 + "}", "\xff\xfe{}", ""])
+def test_unparseable_json_files_named(tmp_path, text):
+    (tmp_path / "config.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(UserError, match="config.json: not readable JSON"):
+        load_config(tmp_path)
