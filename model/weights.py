@@ -80,6 +80,10 @@ class CheckpointReader:
         """Tensors concatenated along dim 0 (q/k/v, gate/up fusion), copied straight into one owned buffer:
         no transient copies, and no reference to the memory map survives (resident memory = loaded bytes)."""
         views = [self.mapped(name, shape) for name, shape in parts]
+        for (name, _), v in zip(parts, views):
+            if not v.dtype.is_floating_point:  # copying would turn integers into meaningless weights
+                raise UserError(f"{self.files[name]}: tensor '{name}' is stored as {str(v.dtype).removeprefix('torch.')}; "
+                                f"only floating-point weights (float32, float16, bfloat16) are loaded")
         rows = sum(v.shape[0] for v in views)
         out = torch.empty((rows, *views[0].shape[1:]), dtype=dtype, device=device)
         r = 0

@@ -52,3 +52,9 @@ def test_truncated_and_absent_files(tmp_path):
     (empty / "pytorch_model.bin").write_bytes(b"\x80")  # never unpickled
     with pytest.raises(UserError, match="never pickles"):
         CheckpointReader(empty)
+
+
+def test_integer_weights_refused(tmp_path):
+    save_file({"model.norm.weight": torch.arange(64, dtype=torch.int32)}, tmp_path / "model.safetensors")
+    with pytest.raises(UserError, match=r"model.safetensors: tensor 'model.norm.weight' is stored as int32; only floating"):
+        CheckpointReader(tmp_path).read("model.norm.weight", (64,), torch.float32, "cpu")
