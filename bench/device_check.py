@@ -12,8 +12,7 @@ skip with a message without it; ``--device cpu --quick`` runs those that also me
 Models: stories260K (``$SUBLAYER_STORIES``, else ``.gpu-carry/stories260K``, else ``../shared``), random
 tiny GQA Llamas made here by transformers, and random-weight shapes (``runtime.engine.load_shape``).
 Only the public runtime API is used: ``runtime.load``, ``load_shape``, ``Engine.forward`` / ``logits`` /
-``generate`` / ``decode_step`` / ``own_cache`` (``forward`` with one token where ``decode_step`` is
-missing, as before the decode-step redesign).
+``generate`` / ``decode_step`` / ``own_cache``, and ``runtime.fast_decode.CALLS`` (graph captures).
 """
 
 import argparse
@@ -76,19 +75,12 @@ def tiny_llama(tmp: Path, heads: int, kv_heads: int) -> Path:
     return ref.make_tiny_llama(tmp / f"gqa{heads // kv_heads}", 16 * heads, 2, heads, kv_heads, 96, False)
 
 
-# ---- the public API, before and after the decode-step redesign ------------------------------------
-
-def own_cache(engine, batch, seq_len):
-    return engine.own_cache(batch, seq_len) if hasattr(engine, "own_cache") else engine.new_cache(batch, seq_len)
-
+# ---- the public API ---------------------------------------------------------------------------------
 
 def decode(engine, tokens, cache, index: int, kv_start):
-    """One decode step of tokens [B, 1] at cache index ``index`` (every row)."""
-    B = tokens.shape[0]
-    if hasattr(engine, "decode_step"):
-        idx = torch.full((B,), index, dtype=torch.long, device=tokens.device)
-        return engine.decode_step(tokens, cache, idx, kv_start)
-    return engine.forward(tokens, cache, index, kv_start, (index - kv_start.long())[:, None])
+    """One ``Engine.decode_step`` of tokens [B, 1] at cache index ``index`` (every row)."""
+    idx = torch.full((tokens.shape[0],), index, dtype=torch.long, device=tokens.device)
+    return engine.decode_step(tokens, cache, idx, kv_start)
 
 
 def prefill(engine, prompt, cache):
@@ -99,7 +91,7 @@ def prefill(engine, prompt, cache):
 
 def our_steps(engine, prompt, fed):
     """Our last-position logits [V] for the prompt [1, T], then for each token of ``fed`` decoded in turn."""
-    cache = own_cache(engine, 1, prompt.shape[1] + len(fed))
+    cache = engine.own_cache(1, prompt.shape[1] + len(fed))
     logits, kv0 = prefill(engine, prompt, cache)
     out = [logits[0, -1]]
     for i, t in enumerate(fed):
@@ -162,7 +154,7 @@ def stage_dispatch(dev, quick):
             if engine is None:
                 continue
             prompt = random_prompt(20, engine.config.vocab_size, dev)
-            cache = own_cache(engine, 1, 40)
+            cache = engine.own_cache(1, 40)
             _, kv0 = prefill(engine, prompt, cache)
             for i in range(3):
                 decode(engine, prompt[:, -1:], cache, 20 + i, kv0)
@@ -187,7 +179,7 @@ def stage_graph_replay(dev, quick):
     S = 512
     gpu = runtime.load(path, dtype="float32", device=dev, max_seq_len=S, show_progress=False)
     cpu = runtime.load(path, dtype="float32", device="cpu", compile=False, show_progress=False)
-    cache = own_cache(gpu, 1, S)
+    cache = gpu.own_cache(1, S)
     prompt = random_prompt(S, gpu.config.vocab_size, dev)
     _, kv0 = prefill(gpu, prompt, cache)
     ref_cache = cpu.new_cache(1, S)
@@ -313,7 +305,7 @@ def stage_bf16_graph_vs_plain(dev, quick):
     prompt = random_prompt(16, graph.config.vocab_size, dev)
     outs = []
     for engine in (graph, plain):
-        cache = own_cache(engine, 1, 128)
+        cache = engine.own_cache(1, 128)
         _, kv0 = prefill(engine, prompt, cache)
         tok, out = prompt[:, -1:], []
         for i in range(30):
@@ -387,11 +379,9 @@ def stage_generate_vs_hf(dev, quick):
     return lines
 
 
-def graph_captures():
-    try:
-        from runtime.fast_decode import CALLS
-    except ImportError:
-        return "not counted (runtime.fast_decode missing)"
+def graph_captures() -> int:
+    from runtime.fast_decode import CALLS
+
     return CALLS["graph capture"]
 
 
@@ -400,11 +390,8 @@ def stage_graph_captures(dev, quick):
     scoring (logits) never."""
     need_cuda(dev)
     import runtime
+    from runtime.fast_decode import CALLS
 
-    try:
-        from runtime.fast_decode import CALLS
-    except ImportError:
-        raise Skip("runtime.fast_decode.CALLS missing (before the decode-step redesign)") from None
     engine = runtime.load(str(stories_path()), dtype="bfloat16", device=dev, max_seq_len=96, show_progress=False)
     before = CALLS["graph capture"]
     for _ in range(2):
