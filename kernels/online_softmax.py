@@ -9,7 +9,7 @@ import triton.language as tl
 def attend_key_range(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, lo, hi, first_key, last_key,
                      qk_scale, offs_d, d_mask, BLOCK_N: tl.constexpr):
     """Online softmax (base 2) of queries q [M, BLOCK_D] over the cached keys lo <= k < hi, query row i
-    seeing only keys first_key[i] <= k <= last_key[i] (both [M]). k_base, v_base: the KV head's cache
+    seeing only those with first_key[i] <= k <= last_key[i] (both [M]). k_base, v_base: the KV head's cache
     rows (key k at k_base + k * stride_ks, unit stride along D); keys outside [lo, hi) are never read,
     so they may hold anything (NaN included). qk_scale: softmax scale * log2(e).
 
@@ -22,7 +22,7 @@ def attend_key_range(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, lo,
         k = tl.load(k_base + keys[None, :] * stride_ks + offs_d[:, None],
                     mask=in_range[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
         qk = tl.dot(q, k, input_precision="ieee") * qk_scale
-        seen = (keys[None, :] >= first_key[:, None]) & (keys[None, :] <= last_key[:, None])
+        seen = in_range[None, :] & (keys[None, :] >= first_key[:, None]) & (keys[None, :] <= last_key[:, None])
         qk = tl.where(seen, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
