@@ -16,7 +16,8 @@ PY=${PYTHON:-python}
 
 if [[ "${1:-}" == "--stage" ]]; then
     # The device machine's transformers takes `past_key_values`, not the `cache` keyword our references
-    # use: carry the pinned wheels (Python 3.12, x86-64) and install them there onto PYTHONPATH.
+    # use: carry the pinned wheels (Python 3.12, x86-64; pytest and hypothesis for the tests too) and
+    # install them there onto PYTHONPATH.
     # numpy stays the machine's own (torch is built against it); .gpu-carry/ never enters git.
     mkdir -p "$CARRY/wheels" .git/info
     grep -qxF "/$CARRY/" .git/info/exclude 2>/dev/null || echo "/$CARRY/" >> .git/info/exclude
@@ -24,7 +25,8 @@ if [[ "${1:-}" == "--stage" ]]; then
     if "$PY" -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
             --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
             --platform any -d "$CARRY/wheels" \
-            transformers==5.24.0 tokenizers==0.23.3 huggingface_hub==2.4.0 safetensors==0.8.0; then
+            transformers==5.24.0 tokenizers==0.23.3 huggingface_hub==2.4.0 safetensors==0.8.0 \
+            pytest==9.2.0 hypothesis==6.170.17; then
         rm -f "$CARRY"/wheels/numpy-*.whl
         echo "staged: $(ls "$CARRY/wheels" | wc -l) wheels, $(du -sh "$CARRY" | cut -f1) in $CARRY/ (carry it to the GPU run)"
     else
