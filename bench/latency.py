@@ -1,9 +1,9 @@
 """Latency per token of plans, ours against Hugging Face, with the memory-bandwidth roofline.
 
-    python bench/latency.py --plans full,attn66,imp-attn10 --contexts 32,128,512,2048 --batches 1,8 \\
+    python -m bench.latency --plans full,attn66,imp-attn10 --contexts 32,128,512,2048 --batches 1,8 \\
         --dtypes float32,bfloat16 --out bench/results/latency/cpu
-    python bench/latency.py --quick --out /tmp/lat           # smoke run (a test runs it on stories260K)
-    python bench/latency.py --shape llama2-7b --dtypes bfloat16 --plans full,attn66   # random weights
+    python -m bench.latency --quick --out /tmp/lat           # smoke run (a test runs it on stories260K)
+    python -m bench.latency --shape llama2-7b --dtypes bfloat16 --plans full,attn66   # random weights
 
 A row is one implementation x plan x dtype x batch x prompt length, measured in a fresh subprocess (so
 its peak memory is its own): prefill of the prompt, then ``--warmup`` + ``--steps`` greedy decode steps,
@@ -41,9 +41,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from model.errors import UserError
+from model.errors import UserError, cli_main
 
 MiB = 2**20
 IMPLS = ("ours", "ours-eager", "hf-eager", "hf-compile")
@@ -395,7 +394,8 @@ def specs_of(args) -> list[dict]:
 
 
 def run_worker(spec) -> dict:
-    r = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, check=False,
+    r = subprocess.run([sys.executable, "-m", "bench.latency", "--worker", json.dumps(spec)], cwd=ROOT,
+                       capture_output=True, text=True, check=False,
                        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith(("{", "["))]
     if r.returncode != 0 or not lines:
@@ -405,26 +405,23 @@ def run_worker(spec) -> dict:
     return json.loads(lines[-1])
 
 
+@cli_main
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         spec = json.loads(args.worker)
         print(json.dumps(measure_paired(spec) if "plans" in spec else measure(spec)))
         return 0
-    try:
-        specs = specs_of(args)
-        from runtime.engine import resolve_device
+    specs = specs_of(args)
+    from runtime.engine import resolve_device
 
-        device = resolve_device(args.device)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    device = resolve_device(args.device)
     from tqdm import tqdm
 
     if args.threads:
         torch.set_num_threads(args.threads)
     bw = copy_bandwidth(device)
-    meta = {"paired": args.paired, "command": "python bench/latency.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    meta = {"paired": args.paired, "command": "python -m bench.latency " + " ".join(sys.argv[1:] if argv is None else argv),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores",
             "torch_threads": args.threads or torch.get_num_threads(), "torch": torch.__version__,
             "copy_GBps": bw / 1e9, "model": args.shape and f"random weights, shape {args.shape}" or (args.model or "smollm2-135m-instruct"),

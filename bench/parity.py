@@ -1,22 +1,19 @@
 """Print the parity of our logits with Hugging Face LlamaForCausalLM (same sublayers skipped by hooks).
 
-    python bench/parity.py --plans full,attn66,plans/imp-attn10.json --prompt-len 64 --steps 32
+    python -m bench.parity --plans full,attn66,plans/imp-attn10.json --prompt-len 64 --steps 32
 
 For each model and plan: relative error ||ours - hf|| / ||hf|| of the prefill's last logits and the
 worst over the decode steps, and whether greedy tokens agree. The same check the tests assert, as numbers.
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import runtime  # noqa: E402
-from runtime.plan import PlanError  # noqa: E402
-from bench.hf_reference import STORIES, TINY_CONFIGS, hf_model, make_tiny_llama, skip_sublayers, step_errors  # noqa: E402
+import runtime
+from bench.hf_reference import STORIES, TINY_CONFIGS, hf_model, make_tiny_llama, skip_sublayers, step_errors
+from runtime.plan import PlanError
 
 
 def main(argv=None):

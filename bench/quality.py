@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from model.errors import cli_main
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "quality"
 TASKS_DIR = "../shared/data/lm_eval_tasks"  # as the YAMLs expect: relative to the project root
@@ -207,7 +209,7 @@ def report(args) -> int:
              f"Written by `python -m bench.quality` on {dt.date.today().isoformat()} from `{args.tag}.csv` "
              "(one row per plan x task x metric, with the exact command, limit and wall time of each cell).", "",
              "Scores in %: " + ", ".join(f"{SHORT.get(t, t)} = `{t}` {MAIN_METRIC[t]}" for t in tasks)
-             + ". *avg* is their mean" + (" (`*`: not all tasks done yet)." if True else "."), ""]
+             + ". *avg* is their mean (`*`: not all tasks done yet).", ""]
     limits = sorted({(r["task"], r["limit"]) for r in rows})
     lines.append("Limits (documents per task; MMLU: per subject; perplexity: windows x tokens): "
                  + ", ".join(f"{SHORT.get(t, t)} {lim}" for t, lim in limits) + ".")
@@ -333,7 +335,8 @@ def parity_report(args) -> int:
              "float32 safetensors), float32, CPU, lm-eval 0.4.13, local task YAMLs. Written by "
              "`python -m bench.quality parity-report` from the runs in `parity_runs/` "
              "(scripts `parity_runs/run_parity.sh` and `parity_runs/rerun_sublayer.sh`, which re-ran the two sublayer "
-             "runs with the final adapter code; logs and per-sample outputs beside them).", ""]
+             "runs with the final adapter code; logs and lm-eval's results beside them; the per-request comparison "
+             "below needs lm-eval's per-sample outputs, `--log_samples`, which are not kept in the repository).", ""]
     ok = True
     for kind in ("mc", "wt"):
         ours, ours_s = _load_run(runs / f"sublayer_{kind}")
@@ -371,6 +374,8 @@ def parity_report(args) -> int:
                 for m in ("acc", "acc_norm"):
                     if m in s and s[m] != t[m]:
                         doc_diff.setdefault(m, []).append(doc_id)
+            if not so:
+                continue
             rel = f" (relative {rmax:.2g}; each request is a whole page)" if rmax else ""
             lines.append(f"Per request ({nreq} requests): max |log-likelihood difference| = {dmax:.3g}{rel}; "
                          f"is_greedy differs in {greedy_diff}. Documents scored differently: "
@@ -387,6 +392,7 @@ def parity_report(args) -> int:
     return 0 if ok else 1
 
 
+@cli_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -413,13 +419,7 @@ def main(argv=None) -> int:
     s.add_argument("--out", default=str(OUT))
     args = p.parse_args(argv)
     if args.cmd == "sweep":
-        from model.errors import UserError
-
-        try:
-            return sweep(args)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        return sweep(args)
     if args.cmd == "report":
         return report(args)
     return parity_report(args)

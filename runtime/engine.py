@@ -26,7 +26,7 @@ from model.config import LlamaConfig, load_config
 from model.errors import UserError
 from model.tokenizer import Tokenizer
 from model.weights import CheckpointReader
-from runtime import fast_decode, generation
+from runtime import fast_decode, generation, scoring
 from runtime.kv_cache import KVCache, check_fits
 from runtime.plan import Plan, load_plan
 from runtime.schedule import AttentionStep, Schedule, compile_plan, full_schedule, needed_tensors
@@ -365,9 +365,12 @@ class Engine:
     def logits(self, token_ids, observer=None, last_only: bool = False) -> torch.Tensor:
         """Scoring: token_ids [T] or [B, T] (list or tensor, equal lengths) -> float32 logits [B, T, V]
         ([B, 1, V] with ``last_only``). ``observer``: see ``forward``. Always the eager path."""
+        if not isinstance(token_ids, torch.Tensor):
+            rows = list(token_ids)
+            self.check_token_ids(rows if rows and isinstance(rows[0], (list, tuple)) else [rows], "logits token ids")
         ids = torch.as_tensor(token_ids, device=self.device)
         if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise UserError(f"logits: token ids must be integers, got {ids.dtype}")
+            raise UserError(f"logits token ids: expected integers, got a tensor of {ids.dtype}")
         ids = ids.long()
         if ids.dim() == 1:
             ids = ids[None]
@@ -375,13 +378,18 @@ class Engine:
         if T == 0:
             raise UserError("logits: empty token sequence")
         if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
-            raise UserError(f"logits: token ids must lie in 0..{self.config.vocab_size - 1} (the vocabulary), got "
+            raise UserError(f"logits token ids: expected integers in 0..{self.config.vocab_size - 1} (the vocabulary), got "
                             f"{int(ids.min())}..{int(ids.max())}")
         self.check_length(T, f"a sequence of {T} tokens")
         cache = self.new_cache(B, T) if self.max_seq_len is None else self.own_cache(B, T)
         kv_start = torch.zeros(B, dtype=torch.int32, device=self.device)
         positions = torch.arange(T, device=self.device)[None].expand(B, T)
         return self.forward(ids, cache, 0, kv_start, positions, last_only=last_only, observer=observer).float()
+
+    def score(self, prefix_ids, continuations) -> list[tuple[float, bool]]:
+        """(sum of log-probabilities, is greedy) of each continuation (token ids) after ``prefix_ids``,
+        the prefix run once (``runtime.scoring``; for batches of prefix groups, ``scoring.Scorer``)."""
+        return scoring.score(self, prefix_ids, continuations)
 
     def encode_prompts(self, prompts, chat: bool = False) -> list[list[int]]:
         if self.tokenizer is None:

@@ -7,7 +7,7 @@ import argparse
 import sys
 import time
 
-from model.errors import UserError
+from model.errors import UserError, cli_main
 
 MiB = 1024 * 1024
 
@@ -33,16 +33,11 @@ def add_generation_args(p: argparse.ArgumentParser):
 
 
 def check_args(args):
-    if args.max_new_tokens < 0:
-        raise UserError(f"--max-new-tokens: expected an integer >= 0, got {args.max_new_tokens}")
+    from runtime.generation import check_sampling
+
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     if args.max_seq_len is not None and args.max_seq_len < 1:
         raise UserError(f"--max-seq-len: expected a positive integer, got {args.max_seq_len}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature: expected a number >= 0, got {args.temperature}")
-    if args.top_k < 0:
-        raise UserError(f"--top-k: expected an integer >= 0, got {args.top_k}")
-    if not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p: expected a number in (0, 1], got {args.top_p}")
 
 
 def read_prompts(args) -> list[str]:
@@ -67,67 +62,78 @@ def report_engine(engine, seq_len: int, out=sys.stderr):
 
 
 class Streamer:
-    """Prints the single row's new text as tokens arrive (decoding the whole output so far)."""
+    """Prints the single row's new text as tokens arrive: the text that decoding prompt + new ids adds
+    after the decoded prompt (as ``Generation.texts``), held back while it ends in a partial character."""
 
-    def __init__(self, tokenizer, eos_ids):
-        self.tok, self.eos, self.ids, self.shown = tokenizer, set(eos_ids), [], ""
+    def __init__(self, tokenizer, prompt_ids):
+        self.tok, self.eos, self.prompt, self.ids, self.shown = tokenizer, set(tokenizer.eos_ids), prompt_ids, [], ""
 
     def __call__(self, step, tokens):
         t = int(tokens[0])
         if t in self.eos:
             return
         self.ids.append(t)
-        text = self.tok.decode(self.ids)
+        from runtime.generation import new_text
+
+        text = new_text(self.tok, self.prompt, self.ids)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             sys.stdout.write(text[len(self.shown):])
             sys.stdout.flush()
             self.shown = text
 
 
+@cli_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m runtime.generate", description=__doc__)
     add_generation_args(p)
     p.add_argument("--no-compile", action="store_true",
-                   help="decode on the eager reference (CPU: no inductor compile; GPU: no CUDA graph)")
+                   help="decode on the eager step (CPU: no inductor compile; GPU: no CUDA graph)")
     args = p.parse_args(argv)
-    try:
-        check_args(args)
-        prompts = read_prompts(args)
-        import runtime
+    check_args(args)
+    prompts = read_prompts(args)
+    import runtime
 
-        t0 = time.perf_counter()
-        engine = runtime.load(args.model, plan=args.plan, dtype=args.dtype, device=args.device,
-                              max_seq_len=args.max_seq_len, compile=not args.no_compile)
-        load_s = time.perf_counter() - t0
-        ids = engine.encode_prompts(prompts, chat=args.chat)
-        longest = max(len(i) for i in ids)
-        engine.check_length(longest + args.max_new_tokens,
-                            f"a prompt of {longest} tokens plus {args.max_new_tokens} new tokens")
-        seq_len = args.max_seq_len or longest + args.max_new_tokens
-        report_engine(engine, seq_len)
-        print(f"load: {load_s:.2f} s ({engine.dtype}, {engine.device})", file=sys.stderr)
-        stream = Streamer(engine.tokenizer, engine.tokenizer.eos_ids) if len(ids) == 1 else None
-        if stream is not None and not args.chat:
-            sys.stdout.write(prompts[0])
-            sys.stdout.flush()
-        g = engine.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, on_token=stream)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    t0 = time.perf_counter()
+    engine = runtime.load(args.model, plan=args.plan, dtype=args.dtype, device=args.device,
+                          max_seq_len=args.max_seq_len, compile=not args.no_compile)
+    load_s = time.perf_counter() - t0
+    ids = engine.encode_prompts(prompts, chat=args.chat)
+    longest = max(len(i) for i in ids)
+    engine.check_length(longest + args.max_new_tokens,
+                        f"a prompt of {longest} tokens plus {args.max_new_tokens} new tokens")
+    seq_len = args.max_seq_len or longest + args.max_new_tokens
+    report_engine(engine, seq_len)
+    print(f"load: {load_s:.2f} s ({engine.dtype}, {engine.device})", file=sys.stderr)
+    stream = Streamer(engine.tokenizer, ids[0]) if len(ids) == 1 else None
+    if stream is not None and not args.chat:
+        sys.stdout.write(prompts[0])
+        sys.stdout.flush()
+    g = engine.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, on_token=stream)
     if stream is not None:
         sys.stdout.write("\n")
     else:
         for prompt, text in zip(prompts, g.texts):
             print(f"{prompt}{text}")
-    print(f"prompt: {g.prompt_tokens} tokens in {g.prefill_s * 1e3:.1f} ms "
-          f"({g.prompt_tokens / max(g.prefill_s, 1e-9):.1f} tokens/s, incl. first token)", file=sys.stderr)
-    if g.decode_steps:
-        ms = g.decode_s / g.decode_steps * 1e3
-        rows = len(ids)
-        print(f"decode: {ms:.2f} ms/token ({rows * 1e3 / ms:.1f} tokens/s, {g.decode_steps} steps, batch {rows})",
-              file=sys.stderr)
+    report_speed(engine, g, len(ids), longest)
     return 0
+
+
+def report_speed(engine, g, rows: int, prompt_len: int, out=sys.stderr):
+    """Labelled lines: prompt (prefill + first token), the first decode step (it compiles the step or
+    captures the graph) on its own line, and decode as the steady-state step with achieved GB/s."""
+    print(f"prompt: {g.prompt_tokens} tokens in {g.prefill_s * 1e3:.1f} ms "
+          f"({g.prompt_tokens / max(g.prefill_s, 1e-9):.1f} tokens/s, incl. first token)", file=out)
+    if g.first_step_s:
+        what = {"compiled": "compiles the step with inductor", "graph": "captures the CUDA graph",
+                "eager": "eager, nothing compiled"}[engine.decode_mode]
+        print(f"compile: {g.first_step_s:.2f} s (the first decode step; it {what})", file=out)
+    if g.decode_steps:
+        s = g.decode_s / g.decode_steps
+        context = prompt_len + 1 + g.decode_steps // 2  # cached positions at the middle step
+        gbps = engine.step_bytes(context, rows) / s / 1e9
+        print(f"decode: {s * 1e3:.2f} ms/token ({rows / s:.1f} tokens/s, {gbps:.1f} GB/s, {g.decode_steps} steps "
+              f"after the first, batch {rows})", file=out)
 
 
 if __name__ == "__main__":

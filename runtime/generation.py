@@ -36,7 +36,7 @@ class Generation:
 def check_sampling(max_new_tokens=0, temperature=0.0, top_k=0, top_p=1.0, seed=None):
     """UserError naming the argument (and its CLI flag) for a value outside its range."""
     def bad(name, expected, value):
-        return UserError(f"--{name.replace('_', '-')} ({name}=): expected {expected}, got {value!r}")
+        return UserError(f"--{name.replace('_', '-')}: expected {expected}, got {value!r} (argument {name})")
 
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model.errors import UserError
+from model.errors import UserError, cli_main
 from runtime.schedule import AttentionStep
 from runtime.plan import resolve_plan
 from tools.calib import token_windows
@@ -148,6 +148,7 @@ def run(model, calib, samples, seq_len, batch_size=4, drop=None, iterative=False
     return engine, scores, chosen
 
 
+@cli_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.importance", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -163,36 +164,32 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
-    try:
-        if (args.drop is None) != (args.plan_out is None):
-            raise UserError("--drop and --plan-out go together")
-        if args.out is None and args.drop is None:
-            raise UserError("nothing to write: give --out and/or --drop with --plan-out")
-        if args.batch_size < 1:
-            raise UserError(f"--batch-size: expected a positive integer, got {args.batch_size}")
-        engine, scores, drop = run(args.model, args.calib, args.samples, args.seq_len, args.batch_size,
-                                   args.drop, args.iterative, args.dtype, args.device)
-        from model.default_model import DEFAULT_MODEL
+    if (args.drop is None) != (args.plan_out is None):
+        raise UserError("--drop and --plan-out go together")
+    if args.out is None and args.drop is None:
+        raise UserError("nothing to write: give --out and/or --drop with --plan-out")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size: expected a positive integer, got {args.batch_size}")
+    engine, scores, drop = run(args.model, args.calib, args.samples, args.seq_len, args.batch_size,
+                               args.drop, args.iterative, args.dtype, args.device)
+    from model.default_model import DEFAULT_MODEL
 
-        source = {"tool": "tools.importance", "model": args.model or DEFAULT_MODEL, "calib": str(args.calib),
-                  "samples": args.samples, "seq_len": args.seq_len}
-        if args.out:
-            doc = dict(source, num_layers=engine.config.num_layers, similarity=scores,
-                       importance=importance(scores))
-            _write(args.out, json.dumps(doc, indent=1) + "\n")
-            print(f"scores: {args.out}", file=sys.stderr)
-        if drop is not None:
-            name = Path(args.plan_out).stem
-            plan = {"version": 1, "name": name,
-                    "description": f"the {args.drop} least important by input/output cosine similarity"
-                                   + (" (iterative)" if args.iterative else ""),
-                    "drop": drop, "source": dict(source, drop=args.drop, iterative=args.iterative)}
-            resolve_plan(plan, engine.config.num_layers, where=args.plan_out)  # it must load
-            _write(args.plan_out, json.dumps(plan, indent=2) + "\n")
-            print(f"plan: {args.plan_out}: {json.dumps(drop)}", file=sys.stderr)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    source = {"tool": "tools.importance", "model": args.model or DEFAULT_MODEL, "calib": str(args.calib),
+              "samples": args.samples, "seq_len": args.seq_len}
+    if args.out:
+        doc = dict(source, num_layers=engine.config.num_layers, similarity=scores,
+                   importance=importance(scores))
+        _write(args.out, json.dumps(doc, indent=1) + "\n")
+        print(f"scores: {args.out}", file=sys.stderr)
+    if drop is not None:
+        name = Path(args.plan_out).stem
+        plan = {"version": 1, "name": name,
+                "description": f"the {args.drop} least important by input/output cosine similarity"
+                               + (" (iterative)" if args.iterative else ""),
+                "drop": drop, "source": dict(source, drop=args.drop, iterative=args.iterative)}
+        resolve_plan(plan, engine.config.num_layers, where=args.plan_out)  # it must load
+        _write(args.plan_out, json.dumps(plan, indent=2) + "\n")
+        print(f"plan: {args.plan_out}: {json.dumps(drop)}", file=sys.stderr)
     imp = importance(scores)
     print("layer  attention      mlp    block   (importance = 1 - cosine similarity)")
     for i in range(engine.config.num_layers):

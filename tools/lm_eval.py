@@ -13,19 +13,16 @@ The local task YAMLs read their data from ``../shared/data/...``: start it from 
 
 import sys
 
-from model.errors import UserError
+from model.errors import cli_main
 
 
+@cli_main
 def main(argv=None) -> int:
     import tools.lm_eval_adapter  # noqa: F401  (registers "sublayer")
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm_eval"] + (list(sys.argv[1:]) if argv is None else list(argv))
-    try:
-        cli_evaluate()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cli_evaluate()
     return 0
 
 

@@ -18,21 +18,19 @@ Everything is computed by ``runtime.Engine``; tokenisation mirrors lm-eval's ``H
 same ``_encode_pair``, BOS handling, left truncation to ``max_length + 1`` tokens, rolling windows
 and ``is_greedy``), so scores match ``--model hf`` on the same checkpoint and dtype.
 
-Requests that share their context are scored together: the context runs once into a KV cache and
-each continuation is scored on top of it (all of a multiple-choice question's answers, or the whole
-few-shot preamble's work per question). A batch holds whole context groups, longest first (lm-eval's
-``Collator`` orders them), left-padded so that every row's context ends at the same cache index.
+Requests that share their context are scored together by ``runtime.scoring.Scorer``: the context
+runs once into a KV cache and each continuation is scored on top of it (all of a multiple-choice
+question's answers, or the whole few-shot preamble's work per question). A batch holds whole context
+groups, longest first (lm-eval's ``Collator`` orders them). This module keeps only the lm-eval glue.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import warnings
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import lm_eval.models  # noqa: F401  (fills the registry with lm-eval's own models first)
@@ -48,46 +46,12 @@ from lm_eval.models.utils import (
 )
 
 from model.errors import UserError
+from runtime.scoring import Scorer
 
 log = logging.getLogger(__name__)
 
 _DEFAULT_MAX_GEN_TOKS = 256
 _DEFAULT_AUTO_BATCH = 16
-# upper bound on one forward's float32 logits (rows x positions x vocab): long rows are scored in chunks
-_LOGITS_BUDGET = 2 ** 28  # bytes
-# a forward costs about as much as this many more token positions (it reads every weight once): the price
-# of cutting a batch's continuations into sub-batches of similar length
-_FORWARD_COST_TOKENS = 32
-
-
-def _common_prefix_len(seqs) -> int:
-    """Length of the longest common prefix of the sequences."""
-    first, n = seqs[0], min(len(s) for s in seqs)
-    for i in range(n):
-        t = first[i]
-        if any(s[i] != t for s in seqs):
-            return i
-    return n
-
-
-def _partition(lengths: list[int]) -> list[range]:
-    """Cut rows sorted by length (longest first) into consecutive sub-batches minimising
-    sum(rows x longest + _FORWARD_COST_TOKENS) over the sub-batches (padded positions plus a forward's cost)."""
-    n = len(lengths)
-    best = [0.0] + [math.inf] * n  # best[i]: cost of rows[:i]
-    cut = [0] * (n + 1)
-    for i in range(1, n + 1):
-        for j in range(i):  # last sub-batch rows[j:i], its longest row is rows[j]
-            c = best[j] + (i - j) * lengths[j] + _FORWARD_COST_TOKENS
-            if c < best[i]:
-                best[i], cut[i] = c, j
-    parts, i = [], n
-    while i > 0:
-        parts.append(range(cut[i], i))
-        i = cut[i]
-    return parts[::-1]
-
-
 def _parse_bool(name, value):
     if value is None or isinstance(value, bool):
         return value
@@ -134,14 +98,16 @@ class SublayerLM(TemplateLM):
         self._batch_size = _parse_positive_int("batch_size", batch_size, allow_none=False)
         self._max_gen_toks = _parse_positive_int("max_gen_toks", max_gen_toks, allow_none=False)
         self.add_bos_token = _parse_bool("add_bos_token", add_bos_token)
+        name = str(getattr(engine, "checkpoint_dir", None))
         if engine is None:
             import runtime
+            from model.default_model import DEFAULT_MODEL
 
+            name = DEFAULT_MODEL
             engine = runtime.load(None if pretrained in (None, "") else str(pretrained), plan=plan,
                                   dtype=str(dtype), device=str(device),
                                   compile=_parse_bool("compile", compile) is not False)
         self.engine = engine
-        self._memo = None  # (tokens, batch-1 KV cache) of the last common prefix scored
         self.tokenizer = engine.tokenizer  # ours, not a transformers tokenizer
         self._device = engine.device
         limit = engine.config.max_position_embeddings
@@ -149,7 +115,8 @@ class SublayerLM(TemplateLM):
         if self._max_length is not None and self._max_length > limit:
             raise UserError(f"model_args max_length: {self._max_length} is more than the model's "
                             f"max_position_embeddings ({limit})")
-        self._name = str(engine.checkpoint_dir)
+        # the model as the user named it (lm-eval records runs under it): no home directory in results
+        self._name = str(pretrained) if pretrained not in (None, "") else name
         tok = self.tokenizer
         if tok.eos_ids:
             self._eot = tok.eos_ids[0]
@@ -280,7 +247,7 @@ class SublayerLM(TemplateLM):
             return -(len(prefix) + longest), prefix
 
         collator = Collator(list(groups.items()), sort_fn=sort_key)
-        self._memo = None
+        scorer = Scorer(self.engine)  # remembers the last common prefix across batches
         res: list = [None] * len(requests)
         pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
                     desc="Running loglikelihood requests")
@@ -290,124 +257,22 @@ class SublayerLM(TemplateLM):
             batch.append(item)
             n_rows += len(item[1])
             if n_rows >= self.batch_size:
-                self._score_batch(batch, rows, requests, res, pbar)
+                self._score_batch(scorer, batch, rows, requests, res, pbar)
                 batch, n_rows = [], 0
         if batch:
-            self._score_batch(batch, rows, requests, res, pbar)
-        self._memo = None
+            self._score_batch(scorer, batch, rows, requests, res, pbar)
         pbar.close()
         return res
 
-    @torch.inference_mode()
-    def _run(self, tokens, cache, start, kv_start, positions, score=None):
-        """Feed tokens [B, T] at cache indices start.. in chunks that keep the logits small.
-        score: None (fill the cache only) or (targets [B, T], valid [B, T]) -> (logprob sums [B], all greedy [B])."""
-        e = self.engine
-        B, T = tokens.shape
-        V = e.config.vocab_size
-        # filling the cache: chunks of 2048 tokens; scoring: as many positions as the logits budget allows
-        chunk = max(1, min(T, 2048 if score is None else _LOGITS_BUDGET // (4 * B * V)))
-        total = torch.zeros(B, dtype=torch.float64)
-        greedy = torch.ones(B, dtype=torch.bool)
-        for a in range(0, T, chunk):
-            b = min(T, a + chunk)
-            out = e.forward(tokens[:, a:b], cache, start + a, kv_start, positions[:, a:b], last_only=score is None)
-            if score is None:
-                continue
-            targets, valid = score[0][:, a:b], score[1][:, a:b]
-            logp = F.log_softmax(out.float(), dim=-1)
-            picked = torch.gather(logp, 2, targets.unsqueeze(-1)).squeeze(-1)
-            total += torch.where(valid, picked, 0.0).double().sum(1).cpu()
-            hit = (logp.argmax(-1) == targets) | ~valid
-            greedy &= hit.all(1).cpu()
-        return total, greedy
-
-    def _common_kv(self, tokens: tuple):
-        """A batch-1 KV cache holding ``tokens`` at positions 0..len-1. Reuses the previous call's cache
-        for the longest prefix the two share (keys and values of a position depend only on the tokens
-        up to it), so a few-shot preamble common to every request runs once."""
-        e = self.engine
-        memo_tokens, memo = self._memo if self._memo is not None else ((), None)
-        k = _common_prefix_len([memo_tokens, tokens])
-        if memo is not None and k == len(tokens):
-            return memo
-        cache = e.new_cache(1, len(tokens))
-        if k > 0:
-            cache.k[:, :, :, :k] = memo.k[:, :, :, :k]
-            cache.v[:, :, :, :k] = memo.v[:, :, :, :k]
-        dev = e.device
-        rest = torch.tensor([tokens[k:]], dtype=torch.long, device=dev)
-        self._run(rest, cache, k, torch.zeros(1, dtype=torch.int32, device=dev),
-                  torch.arange(k, len(tokens), device=dev)[None])
-        self._memo = (tokens, cache)
-        return cache
-
-    def _score_batch(self, batch, rows, requests, res, pbar):
-        e = self.engine
-        dev = e.device
-        G = len(batch)
-        prefixes = [prefix for prefix, _ in batch]
-        P = max(len(p) for p in prefixes)
-        members = [i for _, m in batch for i in m]
-        row_group = [g for g, (_, m) in enumerate(batch) for _ in m]
-        # contexts are left-padded so that each ends at cache index P
-        kv_start_g = torch.tensor([P - len(p) for p in prefixes], dtype=torch.int32, device=dev)
-        cache = e.new_cache(G, max(P, 1))
-        L = _common_prefix_len(prefixes)
-        C = P - L  # cache indices P-C..P-1 run per row; before them, rows copy the common prefix's KV
-        if L > 0:
-            common = self._common_kv(prefixes[0][:L])
-            for g, p in enumerate(prefixes):
-                c = len(p) - C
-                if c > 0:
-                    a = P - len(p)
-                    cache.k[:, g, :, a:a + c] = common.k[:, 0, :, :c]
-                    cache.v[:, g, :, a:a + c] = common.v[:, 0, :, :c]
-        if C > 0:
-            toks = torch.zeros((G, C), dtype=torch.long)
-            for g, p in enumerate(prefixes):
-                seg = p[-C:]
-                if seg:
-                    toks[g, C - len(seg):] = torch.tensor(seg)
-            pos = (torch.arange(P - C, P, device=dev)[None] - kv_start_g[:, None]).clamp(min=0)
-            self._run(toks.to(dev), cache, P - C, kv_start_g, pos)
-        # continuations, longest first, cut into sub-batches so as to trade right padding against forwards
-        order = sorted(range(len(members)), key=lambda r: -len(rows[members[r]][1]))
-        for sub in _partition([len(rows[members[r]][1]) for r in order]):
-            picked = [order[j] for j in sub]
-            self._score_rows([members[j] for j in picked], [row_group[j] for j in picked], cache, kv_start_g, P,
-                             rows, requests, res, pbar)
-
-    def _score_rows(self, members, row_group, cache, kv_start_g, P, rows, requests, res, pbar):
-        """Score requests ``members`` (indices into rows) on top of their groups' contexts in ``cache``."""
-        e = self.engine
-        dev = e.device
-        R = len(members)
-        S = max(len(rows[i][1]) for i in members)
-        idx = torch.tensor(row_group, device=dev)
-        cache_r = e.new_cache(R, P + S)  # one cache row per continuation
-        if P > 0:
-            cache_r.k[:, :, :, :P] = cache.k.index_select(1, idx)
-            cache_r.v[:, :, :, :P] = cache.v.index_select(1, idx)
-        kv_start = kv_start_g.index_select(0, idx)
-        toks = torch.zeros((R, S), dtype=torch.long)
-        targets = torch.zeros((R, S), dtype=torch.long)
-        valid = torch.zeros((R, S), dtype=torch.bool)
-        for r, i in enumerate(members):
-            _, inp, cont = rows[i]
-            toks[r, :len(inp)] = torch.tensor(inp)
-            targets[r, :len(cont)] = torch.tensor(cont)
-            valid[r, :len(cont)] = True
-        pos = (P - kv_start)[:, None].long() + torch.arange(S, device=dev)[None]
-        pos = pos.clamp(max=e.config.max_position_embeddings - 1)  # only right padding can run past the end
-        total, greedy = self._run(toks.to(dev), cache_r, P, kv_start, pos, (targets.to(dev), valid.to(dev)))
-        for r, i in enumerate(members):
-            answer = (float(total[r]), bool(greedy[r]))
-            res[i] = answer
-            req_str = requests[i][0]
-            if req_str is not None:
-                self.cache_hook.add_partial("loglikelihood", req_str, answer)
-            pbar.update(1)
+    def _score_batch(self, scorer, batch, rows, requests, res, pbar):
+        """batch: [(prefix, request indices)]: scores every request, fills ``res`` and lm-eval's cache."""
+        scores = scorer.score_batch([(prefix, [rows[i][1:] for i in members]) for prefix, members in batch])
+        for (_, members), group in zip(batch, scores):
+            for i, answer in zip(members, group):
+                res[i] = answer
+                if requests[i][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+                pbar.update(1)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Perplexity over disjoint windows of max_length tokens, exactly as HFLM."""
@@ -472,8 +337,8 @@ class SublayerLM(TemplateLM):
             gen = self.engine.generate(ids, max_new_tokens=max_gen_toks, temperature=temperature,
                                        top_k=top_k if do_sample else 0, top_p=top_p if do_sample else 1.0,
                                        seed=seed, stop_sequences=[s for s in until if s])
-            for text, context in zip(gen.texts, contexts):
-                s = postprocess_generated_text(generation=text, stop=until, think_end_token=None)
+            for new_ids, context in zip(gen.tokens, contexts):  # HFLM decodes the new ids alone
+                s = postprocess_generated_text(generation=self.tok_decode(new_ids), stop=until, think_end_token=None)
                 res.append(s)
                 self.cache_hook.add_partial("generate_until", (context, gen_kwargs), s)
                 pbar.update(1)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model.errors import UserError
+from model.errors import UserError, cli_main
 from tools.calib import WIKITEXT2, token_windows
 
 
@@ -30,6 +30,7 @@ def perplexity(engine, windows: torch.Tensor, batch_size: int = 4, progress: boo
     return math.exp(nll / count)
 
 
+@cli_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.perplexity", description=__doc__)
     p.add_argument("--model", default=None)
@@ -42,19 +43,15 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
-    try:
-        if not 0 <= args.start_fraction < 1:
-            raise UserError(f"--start-fraction: expected a number in [0, 1), got {args.start_fraction}")
-        if args.batch_size < 1:
-            raise UserError(f"--batch-size: expected a positive integer, got {args.batch_size}")
-        import runtime
+    if not 0 <= args.start_fraction < 1:
+        raise UserError(f"--start-fraction: expected a number in [0, 1), got {args.start_fraction}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size: expected a positive integer, got {args.batch_size}")
+    import runtime
 
-        engine = runtime.load(args.model, plan=args.plan, dtype=args.dtype, device=args.device)
-        windows = token_windows(engine.tokenizer, args.data, args.seq_len, args.windows, args.start_fraction)
-        ppl = perplexity(engine, windows, args.batch_size)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    engine = runtime.load(args.model, plan=args.plan, dtype=args.dtype, device=args.device)
+    windows = token_windows(engine.tokenizer, args.data, args.seq_len, args.windows, args.start_fraction)
+    ppl = perplexity(engine, windows, args.batch_size)
     print(f"plan: {engine.plan.describe()}", file=sys.stderr)
     print(f"perplexity: {ppl:.4f} ({len(windows)} windows of {args.seq_len} tokens, {args.data}, "
           f"from {args.start_fraction:.0%} of the text)")

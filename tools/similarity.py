@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from model.errors import UserError
+from model.errors import UserError, cli_main
 from tools.importance import importance, similarities
 from tools.calib import token_windows
 
@@ -46,6 +46,7 @@ def plot(scores: dict, path: Path, title: str):
     plt.close(fig)
 
 
+@cli_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.similarity", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,20 +59,16 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
-    try:
-        import runtime
+    import runtime
 
-        engine = runtime.load(args.model, dtype=args.dtype, device=args.device)
-        windows = token_windows(engine.tokenizer, args.calib, args.seq_len, args.samples)
-        scores = similarities(engine, windows, args.batch_size)
-        out = Path(args.out)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"--out: cannot create {out} ({e})") from None
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    engine = runtime.load(args.model, dtype=args.dtype, device=args.device)
+    windows = token_windows(engine.tokenizer, args.calib, args.seq_len, args.samples)
+    scores = similarities(engine, windows, args.batch_size)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out: cannot create {out} ({e})") from None
     imp = importance(scores)
     with open(out / "similarity.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -80,10 +77,12 @@ def main(argv=None) -> int:
         for i in range(engine.config.num_layers):
             w.writerow([i, scores["block"][i], scores["attention"][i], scores["mlp"][i],
                         imp["block"][i], imp["attention"][i], imp["mlp"][i]])
-    source = {"model": str(engine.checkpoint_dir), "calib": str(args.calib), "samples": args.samples,
+    from model.default_model import DEFAULT_MODEL
+
+    source = {"model": args.model or DEFAULT_MODEL, "calib": str(args.calib), "samples": args.samples,
               "seq_len": args.seq_len}
     (out / "scores.json").write_text(json.dumps(dict(source, similarity=scores, importance=imp), indent=1) + "\n")
-    name = Path(str(engine.checkpoint_dir)).name
+    name = Path(source["model"]).name
     plot(scores, out / "similarity.png", f"{name}: {args.samples} x {args.seq_len} tokens of {Path(args.calib).name}")
     print(f"wrote {out / 'similarity.csv'}, {out / 'similarity.png'}, {out / 'scores.json'}", file=sys.stderr)
     return 0

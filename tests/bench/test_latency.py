@@ -3,12 +3,17 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from bench.hf_reference import STORIES
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
 def run(*args):
-    return subprocess.run([sys.executable, "bench/latency.py", *args], capture_output=True, text=True, check=False)
+    return subprocess.run([sys.executable, "-m", "bench.latency", *args], cwd=ROOT, capture_output=True, text=True,
+                          check=False)
 
 
 def test_quick_run_writes_every_output_and_agrees_with_hf(tmp_path):
@@ -75,14 +80,9 @@ def test_shape_mode_uses_random_weights_of_the_named_shape():
 
 def test_shape_mode_rows_for_ours_and_hf(monkeypatch):
     """``--shape``: one row each for ours and HF eager on a (tiny, patched-in) named shape, in process."""
-    import importlib.util
-    from pathlib import Path
-
+    from bench import latency
     from model import shapes
 
-    spec = importlib.util.spec_from_file_location("latency", Path(__file__).resolve().parents[2] / "bench" / "latency.py")
-    latency = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(latency)
     tiny = {**shapes.SHAPES["llama2-7b"], "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
             "num_key_value_heads": 4, "intermediate_size": 96, "vocab_size": 300}
     monkeypatch.setitem(shapes.SHAPES, "tiny", tiny)

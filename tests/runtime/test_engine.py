@@ -147,7 +147,7 @@ def test_load_shape_builds_a_random_engine_without_checkpoint(monkeypatch):
     from model import shapes
     from runtime.engine import load_shape
 
-    tiny = {**shapes.SHAPES["llama3-8b"], "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+    tiny = {**shapes.SHAPES["llama2-7b"], "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
             "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": 300}
     monkeypatch.setitem(shapes.SHAPES, "tiny", tiny)
     engine = load_shape("tiny", plan="attn66", dtype="float32", device="cpu")

@@ -31,7 +31,7 @@ def test_scoring_never_takes_the_fast_path():
     kv0 = torch.zeros(2, dtype=torch.int32)
     engine.forward(torch.tensor([[5, 6, 7], [8, 9, 10]]), cache, 0, kv0, torch.arange(3)[None].expand(2, 3))
     engine.forward(torch.tensor([[11], [12]]), cache, 3, kv0, torch.tensor([[3], [3]]))
-    # (score: see test_scoring.py)
+    engine.score([5, 6, 7], [[8], [9, 10]])
     assert compiled_calls() == before
     engine.generate("Once", max_new_tokens=3)
     L = len(engine.schedule.steps) + 1

@@ -23,7 +23,9 @@ def test_streams_greedy_text_and_reports_on_stderr():
     expected = engine.generate("Once upon a time", max_new_tokens=20).texts[0]
     assert r.stdout == "Once upon a time" + expected + "\n"
     for label in (r"plan: attn90: attention dropped in 1/5 layers \(4\)", r"weights: [\d.]+ MiB \(full [\d.]+ MiB\)",
-                  r"KV cache: [\d.]+ MiB for \d+ positions \(full [\d.]+ MiB\)", r"decode: [\d.]+ ms/token \([\d.]+ tokens/s"):
+                  r"KV cache: [\d.]+ MiB for \d+ positions \(full [\d.]+ MiB\)",
+                  r"\ncompile: [\d.]+ s \(the first decode step",
+                  r"\ndecode: [\d.]+ ms/token \([\d.]+ tokens/s, [\d.]+ GB/s, 18 steps after the first"):
         assert re.search(label, r.stderr), label
 
 
@@ -47,7 +49,15 @@ def test_prompt_file_is_a_batch(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--max-new-tokens", "-1"], "--max-new-tokens: expected an integer >= 0, got -1"),
     (["--top-p", "0"], "--top-p: expected a number in (0, 1]"),
-    (["--temperature", "-1"], "--temperature: expected a number >= 0"),
+    (["--temperature", "-1"], "--temperature: expected a finite number >= 0"),
+    (["--temperature", "nan"], "--temperature: expected a finite number >= 0"),
+    (["--temperature", "inf"], "--temperature: expected a finite number >= 0"),
+    (["--top-k", "-1"], "--top-k: expected an integer >= 0"),
+    (["--top-p", "nan"], "--top-p: expected a number in (0, 1]"),
+    (["--seed", "-1"], "--seed: expected an integer in 0..9223372036854775807"),
+    (["--seed", str(2**63)], "--seed: expected an integer in 0..9223372036854775807"),
+    (["--device", "meta"], "--device: expected auto, cpu or cuda[:N]; got 'meta'"),
+    (["--max-seq-len", "100000"], "--max-seq-len: 100000 positions is beyond the model's context of 512"),
     (["--dtype", "float64"], "--dtype: expected one of auto, float32, bfloat16, float16; got 'float64'"),
     (["--device", "tpu"], "--device"),
     (["--max-seq-len", "8"], "a prompt of 5 tokens plus 24 new tokens needs 29 positions, but the context holds 8 (--max-seq-len)"),
@@ -79,3 +89,38 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     (trunc / "model.safetensors").write_bytes(data[: len(data) // 3])
     r = generate("--model", str(trunc), "--prompt", "hi")
     assert r.returncode == 2 and "model.safetensors" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("prompt", ["Once", "Once up", "Once upon a "])
+def test_streamed_text_joins_the_prompt_as_decoding_does(prompt):
+    """stdout is the prompt followed by exactly what decoding prompt + new ids adds (no `Onceupon`)."""
+    r = generate("--model", str(STORIES), "--prompt", prompt, "--max-new-tokens", "8", "--no-compile")
+    assert r.returncode == 0, r.stderr
+    engine = runtime.load(str(STORIES), dtype="float32", device="cpu", compile=False)
+    ids = engine.tokenizer.encode(prompt)
+    new = engine.generate([ids], max_new_tokens=8).tokens[0]
+    whole = engine.tokenizer.decode(ids + new)
+    assert r.stdout == prompt + whole[len(engine.tokenizer.decode(ids)):] + "\n"
+    assert "Onceupon" not in r.stdout
+
+
+def test_plan_without_attention_warns_what_remains(tmp_path):
+    plan = tmp_path / "no-attn.json"
+    plan.write_text(json.dumps({"version": 1, "name": "no-attn", "drop": {"attention": [0, 1, 2, 3, 4]}}))
+    r = generate("--model", str(STORIES), "--plan", str(plan), "--prompt", "Once", "--max-new-tokens", "3")
+    assert r.returncode == 0, r.stderr
+    assert "warning: plan 'no-attn' keeps no attention sublayer: what remains is 5 MLP sublayer(s)" in r.stderr
+    plan.write_text(json.dumps({"version": 1, "name": "nothing", "drop": {"block": [0, 1, 2, 3, 4]}}))
+    r = generate("--model", str(STORIES), "--plan", str(plan), "--prompt", "Once", "--max-new-tokens", "3")
+    assert r.returncode == 0 and "warning: plan 'nothing' keeps no sublayer at all" in r.stderr
+
+
+def test_kv_cache_larger_than_memory_is_refused_with_its_bytes(monkeypatch, capsys):
+    from runtime import generate as cli
+    from runtime import kv_cache
+
+    monkeypatch.setattr(kv_cache, "available_bytes", lambda device: 1000)
+    rc = cli.main(["--model", str(STORIES), "--prompt", "Once", "--max-new-tokens", "4", "--no-compile"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "a KV cache of 1 x 6 positions needs 7680 bytes" in err and "only 1000 bytes" in err
+    assert "Traceback" not in err

@@ -82,12 +82,6 @@ def test_shared_preamble_across_batches_matches_hflm(stories_pair):
     _assert_loglik_equal(a, b)
 
 
-def test_partition():
-    assert adapter._partition([7]) == [range(0, 1)]
-    parts = adapter._partition([60, 58, 30, 29, 28, 9, 8, 8, 2])
-    assert [i for r in parts for i in r] == list(range(9)) and len(parts) > 1
-
-
 def test_tokenisation_matches_hflm(stories_pair):
     ours, hf = stories_pair
     for s in ["Once upon a time.", "<s>Hello", "  two  spaces\n\nand lines ", "", "émigré 123"]:
