@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from model.errors import cli_main
+
 ROOT = Path(__file__).resolve().parents[1]
 CARRY = ROOT / ".gpu-carry"  # staged by `bench/device_check.sh --stage` (listed in .git/info/exclude)
 TRANSFORMERS_PINNED = ("5.20", "5.30")  # pyproject's range: the cache keyword the references use is `cache`
@@ -429,7 +431,8 @@ def run_stage(name, dev, quick, out: Path | None) -> str:
     return verdict.split()[0]
 
 
-def main(argv=None):
+@cli_main
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("stages", nargs="*", help=f"any of {', '.join(STAGES)} (default: all)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

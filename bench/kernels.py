@@ -14,6 +14,7 @@ import torch
 
 from bench.latency import copy_bandwidth
 from kernels import activation as swi, attention_decode as dec, attention_prefill as pre, rmsnorm as rms, rotary as rot
+from model.errors import UserError, cli_main
 from model.shapes import SHAPES, shape_config
 
 
@@ -67,7 +68,8 @@ def cases(model: str, dtype: torch.dtype, batch: int, prompt: int, context: int,
     return out
 
 
-def main():
+@cli_main
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(SHAPES), default="llama3-8b")
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
@@ -75,9 +77,9 @@ def main():
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--context", type=int, default=2048, help="keys a decode step attends to")
     ap.add_argument("--cache-len", type=int, default=4096, help="static KV cache length")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        sys.exit("bench.kernels needs a CUDA GPU (Triton kernels do not run natively on CPU); none found.")
+        raise UserError("bench.kernels needs a CUDA GPU (Triton kernels do not run natively on CPU); none found")
     dtype = getattr(torch, args.dtype)
     peak = copy_bandwidth("cuda")
     print(f"device: {torch.cuda.get_device_name()}; model shapes: {args.model}; dtype: {args.dtype}")
@@ -90,7 +92,8 @@ def main():
         print(f"{name:48s} {nbytes / 2**20:8.2f}Mi {t_tri * 1e6:8.1f} us {g_tri:7.1f} GB/s "
               f"{t_ref * 1e6:8.1f} us {g_ref:7.1f} GB/s {t_ref / t_tri:7.2f}x"
               f"   ({100 * g_tri * 1e9 / peak:.0f}% of copy)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
