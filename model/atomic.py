@@ -8,7 +8,8 @@
   (symlinks resolved); an existing non-empty target needs ``replace``; an uncreatable or unwritable
   parent is a ``UserError`` naming the path.
 * The temporary directory sits beside the target, is named ``.<target>.sublayer-tmp-<pid>-<hex>`` and
-  holds a lock file (``fcntl.flock``) for as long as its writer lives. A temporary whose lock can be
+  holds a lock file (``fcntl.flock``) for as long as its writer lives (it is locked under a
+  ``.sublayer-new-`` name first, so no other run sees it unlocked). A temporary whose lock can be
   taken belongs to a killed run: the next install in the same parent removes it and says so on stderr.
 * On success the old target (if any) is renamed aside (``.<target>.sublayer-old-<pid>-<hex>``), the
   new one renamed in, the old one removed last. A run killed between the two renames leaves the old
@@ -32,7 +33,7 @@ from pathlib import Path
 from model.errors import UserError
 
 LOCK_NAME = ".sublayer-lock"
-_TEMP = re.compile(r"^\.(?P<target>.+)\.sublayer-(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
+_TEMP = re.compile(r"^\.(?P<target>.+)\.sublayer-(?P<kind>tmp|new|old)-(?P<pid>\d+)-[0-9a-f]+$")
 # OSErrors inside the writer that are the environment's fault, not a bug: reported as UserError.
 _USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR}
 
@@ -121,8 +122,8 @@ def remove_stale(parent: Path) -> list[Path]:
         if not m or not entry.is_dir() or entry.is_symlink():
             continue
         pid = int(m["pid"])
-        if m["kind"] == "tmp":
-            if not _stale(entry, pid):
+        if m["kind"] in ("tmp", "new"):
+            if not (_stale(entry, pid) if m["kind"] == "tmp" else not _pid_alive(pid)):
                 continue
             shutil.rmtree(entry, ignore_errors=True)
             print(f"removed stale temporary directory {entry} (left by process {pid}, no longer running)",
@@ -185,14 +186,19 @@ def install_dir(target, *, replace: bool = False, inputs=()):
     remove_stale(parent)
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"
     tmp = parent / f".{target.name}.sublayer-tmp-{tag}"
+    new = parent / f".{target.name}.sublayer-new-{tag}"  # locked before it takes the name others check
+    lock = None
     try:
-        tmp.mkdir()
-        lock = os.open(tmp / LOCK_NAME, os.O_CREAT | os.O_WRONLY, 0o600)
+        new.mkdir()
+        lock = os.open(new / LOCK_NAME, os.O_CREAT | os.O_WRONLY, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(new, tmp)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
+        shutil.rmtree(new, ignore_errors=True)
         raise UserError(f"{target}: cannot write in {parent} ({e.strerror})") from None
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         try:
             yield tmp
         except OSError as e:

@@ -150,3 +150,14 @@ def test_empty_out_refused(tmp_path, monkeypatch):
         with install_dir("", replace=True):
             pass
     assert listing(tmp_path) == ["precious"]
+
+
+def test_unlocked_name_of_a_dead_run_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / f".x.sublayer-new-{int(dead.stdout)}-00dd"
+    leftover.mkdir()
+    live = tmp_path / f".y.sublayer-new-{os.getpid()}-00ee"  # ours: alive, kept
+    live.mkdir()
+    with install_dir(tmp_path / "out"):
+        pass
+    assert not leftover.exists() and live.is_dir()
