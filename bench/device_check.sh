@@ -12,7 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CARRY=.gpu-carry
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}
 
 if [[ "${1:-}" == "--stage" ]]; then
     # The device machine's transformers takes `past_key_values`, not the `cache` keyword our references
