@@ -92,3 +92,29 @@ def test_shape_mode_rows_for_ours_and_hf(monkeypatch):
         row = latency.measure({**base, "impl": impl})
         assert row["plan"] == "attn66" and row["attn_dropped"] == 1 and row["decode_ms"] > 0, row
         assert row["kv_MiB"] == 2 * 2 * 2 * 8 * 64 * 4 / 2**20  # 2 kept attention layers, batch 2, 8 positions
+
+
+def test_warm_up_prefill_has_the_real_length(monkeypatch, tmp_path):
+    """The warm-up prefill runs the prompt's own length (so Triton compiling that length stays out of
+    the timed prefill), for a single row and for every plan of a paired run."""
+    from bench import latency
+    from model import shapes
+
+    tiny = {**shapes.SHAPES["llama2-7b"], "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+            "num_key_value_heads": 4, "intermediate_size": 96, "vocab_size": 300}
+    monkeypatch.setitem(shapes.SHAPES, "tiny", tiny)
+    lengths = []
+    runner = latency.ours_runner
+
+    def recording_runner(engine, batch):
+        prefill, step = runner(engine, batch)
+        return (lambda ids: lengths.append(ids.shape[1]) or prefill(ids)), step
+
+    monkeypatch.setattr(latency, "ours_runner", recording_runner)
+    spec = {"impl": "ours", "plan": "full", "dtype": "float32", "batch": 1, "context": 12, "model": None,
+            "shape": "tiny", "device": "cpu", "steps": 2, "warmup": 0, "threads": None}
+    latency.measure(spec)
+    assert lengths == [12, 12]
+    lengths.clear()
+    latency.measure_paired({**spec, "plans": ["full", "attn66"], "logits_out": [str(tmp_path / "a"), str(tmp_path / "b")]})
+    assert lengths == [12, 12, 12, 12]

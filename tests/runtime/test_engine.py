@@ -125,6 +125,8 @@ def test_stop_sequences_end_a_row_and_cut_its_text():
     assert g.texts == [cut, cut] and g.finished == [True, True] and len(g.tokens[0]) < 40
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Triton on CPU tensors needs the interpreter, which is off "
+                    "where CUDA exists (tests/runtime/test_engine_cuda.py covers the kernels there)")
 def test_triton_path_matches_hf(monkeypatch):
     """The whole model on the Triton kernels (interpreter on CPU), with a plan that drops attention
     (layer 0's included): prefill and decode logits within 1e-4 of HF with the same sublayers skipped,
