@@ -108,7 +108,8 @@ class Scheduler:
         self.thread: threading.Thread | None = None
         dev = engine.device
         self.kv_start = torch.zeros(slots, dtype=torch.int32, device=dev)
-        self.steps = 0  # decode steps run (tests read it)
+        self.steps = 0  # decode steps run
+        self.peak_rows = 0  # most rows in use at once
 
     # ---- any thread ------------------------------------------------------------------------
     def submit(self, seqs: list[Sequence]):
@@ -181,6 +182,7 @@ class Scheduler:
                 seq.generator = torch.Generator(device=self.engine.device)
                 seq.generator.manual_seed(seq.params.seed if seq.params.seed is not None
                                           else torch.seed() & (2**63 - 1))
+        self.peak_rows = max(self.peak_rows, sum(r is not None for r in self.rows))
 
     def _prefill(self):
         """Up to ``prefill_chunk`` prompt tokens, oldest sequences first, straight into their rows."""
