@@ -94,3 +94,21 @@ def test_stop_strings_and_queue_bound(engine):
         assert got == [full[:full.find(stop)]] and reasons == ["stop"]
     finally:
         sched.stop()
+
+
+def test_compiled_step_rows_match_eager(engine):
+    """The compiled decode step (what the server runs by default) over a pool of rows at different
+    positions gives the eager engine's greedy tokens."""
+    compiled = runtime.load(STORIES, show_progress=False)
+    assert compiled.decode_mode == "compiled"
+    tok = engine.tokenizer
+    texts, lengths = ["Once upon a time", "The dog ran"], [10, 6]
+    want = [engine.generate(t, n).tokens[0] for t, n in zip(texts, lengths)]
+    sched = Scheduler(compiled, slots=2, max_seq_len=64)
+    sched.start()
+    try:
+        _, _, outs = run_all(sched, [tok.encode(t) for t in texts],
+                             [SamplingParams(max_tokens=n, temperature=0) for n in lengths])
+    finally:
+        sched.stop()
+    assert outs == want
