@@ -8,8 +8,9 @@ the loop:
 1. frees the rows of sequences whose client went away, admits waiting sequences into free rows;
 2. prefills up to ``prefill_chunk`` prompt tokens (chunks of one or more prompts, written straight
    into their pool rows), so that a long prompt does not stall the running streams;
-3. runs one ``Engine.decode_step`` over every pool row, each at its own cache index, and samples each
-   decoding row with its own parameters and generator.
+3. runs one ``Engine.decode_step`` over pool rows 0..r-1 (r: one past the highest decoding row; rows
+   are taken lowest first), each at its own cache index, and samples each decoding row with its own
+   parameters and generator.
 
 Rows that are not decoding (free, or part-way through their prefill) keep a valid dummy state: their
 index is the next position their prefill writes (0 for a free row), so the step's garbage write there
@@ -49,6 +50,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # vLLM's extension: run to max_tokens (load generators)
 
 
 class QueueFull(Exception):
@@ -82,11 +84,11 @@ class Sequence:
 
 
 class RowView:
-    """One row of the pool as a 1-row cache (views: writes land in the pool)."""
+    """Rows ``start..stop-1`` of the pool as a cache of their own (views: writes land in the pool)."""
 
-    def __init__(self, pool, slot: int):
-        self.k, self.v = pool.k[:, slot:slot + 1], pool.v[:, slot:slot + 1]
-        self.batch, self.max_seq_len = 1, pool.max_seq_len
+    def __init__(self, pool, start: int, stop: int):
+        self.k, self.v = pool.k[:, start:stop], pool.v[:, start:stop]
+        self.batch, self.max_seq_len = stop - start, pool.max_seq_len
 
 
 class Scheduler:
@@ -143,6 +145,18 @@ class Scheduler:
         self.waiting.clear()
         self.rows = [None] * self.slots
 
+    def warm_up(self) -> float:
+        """Compile the decode step for the batch sizes it will meet (all rows; fewer, which makes the
+        batch dimension dynamic; one row, its own variant) before the first request; returns seconds."""
+        t0 = time.perf_counter()
+        dev = self.engine.device
+        for rows in sorted({self.slots, min(2, self.slots), 1}, reverse=True):
+            with torch.inference_mode():
+                self.engine.decode_step(torch.full((rows, 1), self.pad_id, dtype=torch.long, device=dev),
+                                        RowView(self.pool, 0, rows), torch.zeros(rows, dtype=torch.long, device=dev),
+                                        self.kv_start[:rows])
+        return time.perf_counter() - t0
+
     # ---- the scheduler thread --------------------------------------------------------------
     def _loop(self):
         while True:
@@ -196,7 +210,7 @@ class Scheduler:
             n = min(budget, len(seq.prompt_ids) - start)
             tokens = torch.tensor([seq.prompt_ids[start:start + n]], dtype=torch.long, device=dev)
             positions = torch.arange(start, start + n, device=dev)[None]
-            logits = self.engine.forward(tokens, RowView(self.pool, seq.slot), start,
+            logits = self.engine.forward(tokens, RowView(self.pool, seq.slot, seq.slot + 1), start,
                                          self.kv_start[:1], positions, last_only=True)
             seq.prefilled += n
             budget -= n
@@ -209,9 +223,10 @@ class Scheduler:
         if not active:
             return
         dev = self.engine.device
-        tokens = [self.pad_id] * self.slots
-        index = [0] * self.slots
-        for slot, seq in enumerate(self.rows):
+        rows = max(s.slot for s in active) + 1  # the step runs over pool rows 0..rows-1 only
+        tokens = [self.pad_id] * rows
+        index = [0] * rows
+        for slot, seq in enumerate(self.rows[:rows]):
             if seq is None:
                 continue
             if seq in active:
@@ -219,8 +234,9 @@ class Scheduler:
                 index[slot] = len(seq.prompt_ids) + len(seq.out) - 1  # where the last token is written
             else:
                 index[slot] = seq.prefilled  # the next position its prefill writes
-        logits = self.engine.decode_step(torch.tensor(tokens, dtype=torch.long, device=dev)[:, None], self.pool,
-                                         torch.tensor(index, dtype=torch.long, device=dev), self.kv_start)
+        logits = self.engine.decode_step(torch.tensor(tokens, dtype=torch.long, device=dev)[:, None],
+                                         RowView(self.pool, 0, rows),
+                                         torch.tensor(index, dtype=torch.long, device=dev), self.kv_start[:rows])
         self.steps += 1
         rows = torch.tensor([s.slot for s in active], device=dev)
         chosen = self._sample(active, logits[:, -1].index_select(0, rows).float())
@@ -251,7 +267,7 @@ class Scheduler:
         seq.last_token_at = now
         seq.out.append(token)
         p = seq.params
-        eos = token in self.eos_ids
+        eos = token in self.eos_ids and not p.ignore_eos
         text = self.engine.tokenizer.decode(seq.prompt_ids + seq.out)[self._prompt_chars(seq):]
         reason = None
         if p.stop:

@@ -76,7 +76,11 @@ def sampling_params(body: dict, chat: bool) -> SamplingParams:
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
         raise _bad("stream", "true or false", stream)
-    return SamplingParams(max_tokens, float(temperature), max(top_k, 0), float(top_p), seed, [s for s in stop if s])
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise _bad("ignore_eos", "true or false", ignore_eos)
+    return SamplingParams(max_tokens, float(temperature), max(top_k, 0), float(top_p), seed, [s for s in stop if s],
+                          ignore_eos)
 
 
 def completion_prompts(body: dict, engine) -> list[list[int]]:
@@ -397,7 +401,7 @@ def create_app(engine, model_id: str, kv_memory: int, max_batch: int, max_seq_le
         plan = engine.plan
         return {"object": "list", "data": [{
             "id": model_id, "object": "model", "created": 0, "owned_by": "sublayer",
-            "max_model_len": max_seq_len,
+            "max_model_len": max_seq_len, "vocab_size": engine.config.vocab_size,
             "plan": {"name": plan.name, "describe": plan.describe(),
                      "dropped": {"attention": sorted(plan.drop_attention), "mlp": sorted(plan.drop_mlp)}},
             "kv": {"slots": info.slots, "positions_per_slot": max_seq_len, "bytes_per_position": info.bytes_per_position,
@@ -485,6 +489,10 @@ def main(argv=None) -> int:
     print(f"model: {model_id}", file=sys.stderr)
     print(f"plan: {engine.plan.describe()}", file=sys.stderr)
     print(capacity_line(engine, app.state.info), file=sys.stderr)
+    if engine.decode_mode != "eager":
+        seconds = app.state.scheduler.warm_up()
+        print(f"compile: {seconds:.1f} s (decode step, {engine.decode_mode}, batch sizes up to "
+              f"{app.state.info.slots})", file=sys.stderr)
     print(f"listening on http://{args.host}:{args.port}/v1 (SIGTERM or Ctrl-C drains running requests)",
           file=sys.stderr)
     # uvicorn's own SIGTERM/SIGINT handling stops accepting, waits for running requests, then runs the

@@ -142,6 +142,9 @@ def test_completion_greedy_matches_generate(server, engine):
     ids = engine.tokenizer.encode("The cat")  # token ids as the prompt
     r = server.client.completions.create(model="stories", prompt=ids, max_tokens=5, temperature=0)
     assert r.choices[0].text == engine.generate([ids], 5).texts[0]
+    r = server.client.completions.create(model="stories", prompt="The end.", max_tokens=60, temperature=0,
+                                         extra_body={"ignore_eos": True})  # vLLM's extension: no stop at EOS
+    assert r.usage.completion_tokens == 60 and r.choices[0].finish_reason == "length"
 
 
 def test_chat_streamed_and_not(server, engine):
