@@ -147,13 +147,15 @@ class Scheduler:
 
     def warm_up(self) -> float:
         """Compile the decode step for the batch sizes it will meet (all rows; fewer, which makes the
-        batch dimension dynamic; one row, its own variant) before the first request; returns seconds."""
+        batch dimension dynamic; one row, its own variant) before the first request; returns seconds.
+        The cache is cut to 2 positions (a cut of 1 would specialise the dynamic length to 1)."""
         t0 = time.perf_counter()
         dev = self.engine.device
         for rows in sorted({self.slots, min(2, self.slots), 1}, reverse=True):
             with torch.inference_mode():
                 self.engine.decode_step(torch.full((rows, 1), self.pad_id, dtype=torch.long, device=dev),
-                                        RowView(self.pool, 0, rows), torch.zeros(rows, dtype=torch.long, device=dev),
+                                        RowView(self.pool, 0, rows),
+                                        torch.full((rows,), min(1, self.max_seq_len - 1), dtype=torch.long, device=dev),
                                         self.kv_start[:rows])
         return time.perf_counter() - t0
 
