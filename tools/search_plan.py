@@ -169,7 +169,7 @@ def _portable(path) -> str:
     """``path`` relative to the repository root when it can be (no home directory in committed plans)."""
     import os
 
-    return os.path.relpath(Path(path).resolve(), Path(__file__).resolve().parents[1])
+    return os.path.relpath(os.path.abspath(path), Path(__file__).resolve().parents[1])  # ../shared stays ../shared
 
 
 @cli_main
