@@ -17,7 +17,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 import runtime  # noqa: E402
-from runtime.serve import create_app  # noqa: E402
+from runtime.serve import capacity_line, create_app, main  # noqa: E402
 
 STORIES = "../shared/models/stories260K"
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
@@ -120,6 +120,8 @@ def test_plan_capacity_in_models(engine):
         assert m["kv"]["slots"] == 10 and m["kv"]["full_slots"] == 6
         assert m["kv"]["capacity_vs_full"] == pytest.approx(5 / 3)
         assert m["plan"]["dropped"]["attention"] == [0, 3]
+        line = capacity_line(dropped, s.app.state.info)
+        assert "10 slots x 64 positions" in line and "3/5 attention sublayers kept; 1.67x the rows of full" in line
         r = s.client.completions.create(model="stories", prompt="Once upon a time", max_tokens=6, temperature=0)
         assert r.choices[0].text == dropped.generate("Once upon a time", 6).texts[0]
     finally:
@@ -257,3 +259,22 @@ def test_api_key(engine):
         assert good.completions.create(model="stories", prompt="Hi", max_tokens=1).usage.completion_tokens == 1
     finally:
         s.close()
+
+
+def test_cli_flag_errors(capsys):
+    assert main(["--kv-memory", "lots"]) == 2
+    assert "--kv-memory: expected a positive size" in capsys.readouterr().err
+    assert main(["--model", STORIES, "--kv-memory", "1K", "--max-seq-len", "64", "--no-compile"]) == 2
+    assert "hold no sequence of 64 positions" in capsys.readouterr().err
+
+
+def test_load_generator(server):
+    """bench.serve's load run against the server: every request answered in full, counted."""
+    import asyncio
+
+    from bench.serve import run_load
+
+    row = asyncio.run(run_load(server.url, "stories", 512, requests=5, concurrency=3, prompt_lens=[4, 9],
+                               output_lens=[3, 6], seed=1))
+    assert row["errors"] == 0 and row["requests"] == 5 and 15 <= row["output_tokens"] <= 30
+    assert row["ttft_ms_p50"] > 0 and row["itl_ms_p50"] > 0 and row["peak_running"] <= 3  # polled: a short run may finish first
