@@ -93,9 +93,10 @@ def _check_max_seq_len(max_seq_len, config: LlamaConfig):
                         f"{config.max_position_embeddings} (max_position_embeddings)")
 
 
-def warn_if_degenerate(schedule: Schedule, out=sys.stderr):
+def warn_if_degenerate(schedule: Schedule, out=None):
     """A plan that keeps no attention sublayer (no token sees another), or nothing at all, runs, but
     says what remains."""
+    out = out or sys.stderr  # resolved per call: sys.stderr may be replaced after import
     plan = schedule.plan
     if not schedule.steps:
         print(f"warning: plan {plan.name!r} keeps no sublayer at all: what remains is the embedding, the "

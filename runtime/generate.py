@@ -53,8 +53,9 @@ def read_prompts(args) -> list[str]:
     return [args.prompt if args.prompt is not None else "Once upon a time"]
 
 
-def report_engine(engine, seq_len: int, out=sys.stderr):
+def report_engine(engine, seq_len: int, out=None):
     """Labelled lines: the resolved plan, weight bytes and KV-cache bytes vs the full model."""
+    out = out or sys.stderr  # resolved per call: sys.stderr may be replaced after import
     print(f"plan: {engine.plan.describe()}", file=out)
     print(f"weights: {engine.weight_bytes / MiB:.1f} MiB (full {engine.full_weight_bytes / MiB:.1f} MiB)", file=out)
     print(f"KV cache: {engine.kv_bytes(seq_len) / MiB:.1f} MiB for {seq_len} positions "
@@ -119,9 +120,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def report_speed(engine, g, rows: int, prompt_len: int, out=sys.stderr):
+def report_speed(engine, g, rows: int, prompt_len: int, out=None):
     """Labelled lines: prompt (prefill + first token), the first decode step (it compiles the step or
     captures the graph) on its own line, and decode as the steady-state step with achieved GB/s."""
+    out = out or sys.stderr  # resolved per call: sys.stderr may be replaced after import
     print(f"prompt: {g.prompt_tokens} tokens in {g.prefill_s * 1e3:.1f} ms "
           f"({g.prompt_tokens / max(g.prefill_s, 1e-9):.1f} tokens/s, incl. first token)", file=out)
     if g.first_step_s:
