@@ -60,17 +60,18 @@ def _rotate(t, cos, sin):
 def decode_attention(q, k_cache, v_cache, kv_start, kv_end, scale: float):
     """q: [B, Hq, D]; k_cache, v_cache: [B, Hkv, S, D]; row b attends to keys kv_start[b] <= k < kv_end[b]
     (never none: its own new key is among them). Returns [B, Hq, D]. On CPU: a masked softmax over
-    the S keys given, GQA without repeating K/V (a KV head's query heads form a [group, D] block)."""
+    the S keys given, GQA without repeating K/V (a KV head's query heads form a [group, D] block),
+    both products as multiply-reduce (a matmul would copy the cut, strided cache first in bfloat16)."""
     if use_triton(q):
         return kernels.decode_attention(q, k_cache, v_cache, kv_start, kv_end, scale)
     B, Hq, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     keys = torch.arange(S, device=q.device)[None]
     mask = (keys >= kv_start[:, None]) & (keys < kv_end[:, None])  # [B, S]
-    scores = torch.matmul(q.view(B, Hkv, Hq // Hkv, D), k_cache.transpose(-1, -2)).float() * scale
+    scores = (q.view(B, Hkv, Hq // Hkv, 1, D) * k_cache[:, :, None]).sum(-1).float() * scale  # [B, Hkv, G, S]
     scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
     p = torch.softmax(scores, dim=-1).to(q.dtype)
-    return torch.matmul(p, v_cache).view(B, Hq, D)
+    return (p[..., None] * v_cache[:, :, None]).sum(-2).view(B, Hq, D)
 
 
 def attention_step(pending, x, norm, qkv, o, k_cache, v_cache, cos, sin, positions, index, kv_start,
