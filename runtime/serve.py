@@ -346,17 +346,21 @@ def create_app(engine, model_id: str, kv_memory: int, max_batch: int, max_seq_le
                                      headers={"Cache-Control": "no-cache"})
 
         texts, reasons, failed = [""] * len(seqs), [None] * len(seqs), None
-        left = len(seqs)
+        left, checked = len(seqs), time.monotonic()
         try:
             while left:
                 try:
                     i, (what, value) = await asyncio.wait_for(next_event(), timeout=0.25)
                 except asyncio.TimeoutError:
+                    what = None
+                if time.monotonic() - checked > 0.25:  # a client gone before its answer frees its rows
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         for s in seqs:
                             s.cancel()
                         metrics.requests.labels("cancelled").inc()
                         return None
+                if what is None:
                     continue
                 if what == "text":
                     texts[i] += value

@@ -278,3 +278,15 @@ def test_load_generator(server):
                                output_lens=[3, 6], seed=1))
     assert row["errors"] == 0 and row["requests"] == 5 and 15 <= row["output_tokens"] <= 30
     assert row["ttft_ms_p50"] > 0 and row["itl_ms_p50"] > 0 and row["peak_running"] <= 3  # polled: a short run may finish first
+
+
+def test_non_streamed_disconnect_frees_its_slot(slow_server):
+    s = slow_server
+    tokens_before = s.app.state.metrics.tokens._value.get()
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps({"model": "stories", "prompt": "Once", "max_tokens": 400}),
+                 {"Content-Type": "application/json"})
+    wait_until(lambda: s.scheduler.counts() == (1, 0))
+    conn.close()  # gone before the answer
+    wait_until(lambda: s.scheduler.counts() == (0, 0))
+    assert s.app.state.metrics.tokens._value.get() - tokens_before < 100
