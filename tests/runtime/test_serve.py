@@ -290,3 +290,42 @@ def test_non_streamed_disconnect_frees_its_slot(slow_server):
     conn.close()  # gone before the answer
     wait_until(lambda: s.scheduler.counts() == (0, 0))
     assert s.app.state.metrics.tokens._value.get() - tokens_before < 100
+
+
+def test_sigterm_drains_running_requests(tmp_path):
+    """python -m runtime.serve: SIGTERM mid-stream lets the stream finish, then the process exits."""
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--model", STORIES, "--port", str(port),
+                             "--kv-memory", "1M", "--max-seq-len", "512", "--no-compile"], stdout=log, stderr=log)
+    try:
+        def up():
+            assert proc.poll() is None, open(tmp_path / "serve.log").read()
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).status == 200
+            except OSError:
+                return False
+        wait_until(up, timeout=60)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("POST", "/v1/completions", json.dumps({"model": STORIES, "prompt": "Once", "max_tokens": 300,
+                                                            "ignore_eos": True, "stream": True,
+                                                            "stream_options": {"include_usage": True}}),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.readline().startswith(b"data: ")
+        proc.send_signal(signal.SIGTERM)
+        lines = [ln for ln in resp.read().decode().splitlines() if ln.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        assert json.loads(lines[-2][6:])["usage"]["completion_tokens"] == 300
+        assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after draining
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "KV pool: " in open(tmp_path / "serve.log").read()
