@@ -191,7 +191,8 @@ def write_result(out: Path, healer: Healer, checkpoint: Path, plan, source: dict
     staging = _ckpt_dir(out) / "result"
     if staging.exists():
         shutil.rmtree(staging)
-    write_checkpoint(kept, checkpoint, plan, staging, extra_source=source, progress=False, log=open(os.devnull, "w"))
+    with open(os.devnull, "w") as quiet:  # the export's serving notes are not news here
+        write_checkpoint(kept, checkpoint, plan, staging, extra_source=source, progress=False, log=quiet)
     files = sorted(p.name for p in staging.iterdir())
     for name in sorted(files, key=lambda n: n == "config.json"):
         os.replace(staging / name, out / name)

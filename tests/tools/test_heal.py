@@ -116,6 +116,13 @@ def test_lora_merges_into_kept_weights(tmp_path, train_text):
     runtime.load(out, show_progress=False)
 
 
+def test_residual_mse_term(tmp_path, train_text):
+    args = args_for(tmp_path / "mse", train_text, "--steps", "2", "--mse-weight", "1.0")
+    state = heal(args)
+    assert all(l == l and l > 0 for l in state["losses"])  # finite, and the MSE adds to the KL
+    assert distill.boundary_layers(load_plan("attn66", 5)) == [4, 5]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--train-text", str(TINYSTORIES)], "is the evaluation file ./tinystories/validation_head.txt"),
     (["--train", "heads"], "--train: expected one of norms, lora, all"),
