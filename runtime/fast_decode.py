@@ -6,6 +6,7 @@ counts compiled-step calls, graph captures and replays (tests use it to prove wh
 
 import collections
 import functools
+import threading
 
 import torch
 
@@ -35,20 +36,26 @@ def _head(*args, **kwargs):
     return step.head_step(*args, **kwargs, project=step.multiply_reduce)
 
 
+_thread = threading.local()
+
+
 @functools.cache
 def compiled_steps() -> Steps:
     """The step functions with the multiply-reduce projection, each compiled once per process: the
     compiled code is shared by every layer, plan and engine of the same shapes (the cache length is a
     dynamic dimension, so a new length does not recompile; a new model, batch size or dtype compiles a
     variant). A process may hold up to 64 variants per function (dynamo's default of 8 is too few for
-    a test session that loads many small models)."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    a test session that loads many small models; dynamo's config is per thread, so each thread that
+    steps, e.g. the server's scheduler, raises its own limit)."""
 
     def compiled(name, fn):
         run = torch.compile(fn, fullgraph=True, dynamic=None)
 
         def counted(*args, **kwargs):
             CALLS[f"compiled {name}"] += 1
+            if not getattr(_thread, "limit_raised", False):
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+                _thread.limit_raised = True
             return run(*args, **kwargs)
 
         return counted

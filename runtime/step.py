@@ -33,30 +33,6 @@ def multiply_reduce(x, w):
     return F.linear(x, w)
 
 
-def rotary_write_kv(q, k, v, cos, sin, positions, k_cache, v_cache, index):
-    """Rotate q and k (Hugging Face rotate-half) and write rotated k and v into the cache by index.
-
-    q: [B, T, Hq, D]; k, v: [B, T, Hkv, D]; cos, sin: [P, D] float32 tables; positions: [B, T] rotary
-    positions; k_cache, v_cache: [B, Hkv, S, D]; index: [B] int64, row b's token t goes to cache index
-    ``index[b] + t``. Returns rotated q [B, T, Hq, D]. (On CUDA the Triton kernel reads ``index[0]`` for
-    every row: rows of a batch advance together there; see the report of issue 14.)"""
-    if use_triton(q):
-        return kernels.rotary_write_kv(q, k, v, cos, sin, positions, k_cache, v_cache, index)
-    c = cos[positions].to(q.dtype)[:, :, None, :]
-    s = sin[positions].to(q.dtype)[:, :, None, :]
-    B, T = q.shape[:2]
-    rows = torch.arange(B, device=q.device)[:, None]
-    cols = index[:, None] + torch.arange(T, device=q.device)[None]
-    k_cache[rows, :, cols] = _rotate(k, c, s)  # [B, T, Hkv, D] at (b, :, index[b] + t)
-    v_cache[rows, :, cols] = v
-    return _rotate(q, c, s)
-
-
-def _rotate(t, cos, sin):
-    t1, t2 = t.chunk(2, dim=-1)
-    return t * cos + torch.cat((-t2, t1), dim=-1) * sin
-
-
 def decode_attention(q, k_cache, v_cache, kv_start, kv_end, scale: float):
     """q: [B, Hq, D]; k_cache, v_cache: [B, Hkv, S, D]; row b attends to keys kv_start[b] <= k < kv_end[b]
     (never none: its own new key is among them). Returns [B, Hq, D]. On CPU: a masked softmax over
@@ -87,8 +63,9 @@ def attention_step(pending, x, norm, qkv, o, k_cache, v_cache, cos, sin, positio
     D = k_cache.shape[-1]
     x, h = kernels.add_rmsnorm(pending, x, norm, eps)
     q, k, v = project(h, qkv).split([heads * D, kv_heads * D, kv_heads * D], dim=-1)
-    q = rotary_write_kv(q.view(B, T, heads, D), k.view(B, T, kv_heads, D), v.view(B, T, kv_heads, D),
-                        cos, sin, positions, k_cache, v_cache, index)
+    # rotary + K/V written at index[b] + t, per row (Triton reads the [B] index from device memory)
+    q = kernels.rotary_write_kv(q.view(B, T, heads, D), k.view(B, T, kv_heads, D), v.view(B, T, kv_heads, D),
+                                cos, sin, positions, k_cache, v_cache, index)
     if prefill_start is None:
         out = decode_attention(q[:, 0], k_cache, v_cache, kv_start, (index + 1).to(kv_start.dtype), scale)
     else:
