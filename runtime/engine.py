@@ -30,7 +30,6 @@ from runtime import fast_decode, generation, scoring
 from runtime.kv_cache import KVCache, check_fits
 from runtime.plan import Plan, load_plan
 from runtime.schedule import AttentionStep, Schedule, compile_plan, full_schedule, needed_tensors
-from runtime.step import attention_step, head_step, mlp_step
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

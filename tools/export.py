@@ -21,7 +21,6 @@ same for tensors held in memory (healing).
 
 import argparse
 import json
-import math
 import re
 import shutil
 import sys
@@ -271,7 +270,7 @@ def write_checkpoint(tensors: dict, source_dir, plan, out, *, fmt: str = "auto",
     log = log or sys.stderr
     from model.atomic import LOCK_NAME, install_dir
     from model.config import load_config
-    from runtime.schedule import compile_plan, needed_tensors
+    from runtime.schedule import compile_plan, full_schedule, needed_tensors
     from runtime.plan import load_plan, plan_file
 
     limit = parse_size(shard_size)
@@ -291,7 +290,6 @@ def write_checkpoint(tensors: dict, source_dir, plan, out, *, fmt: str = "auto",
     if bad:
         raise ValueError(f"write_checkpoint: tensor {bad[0]!r} has shape {list(tensors[bad[0]].shape)}, "
                          f"expected {list(shapes[bad[0]])}")
-    full_shapes = needed_tensors(compile_plan(load_plan(None, config.num_layers), config).steps, config)
     plan_record = {"version": 1, "name": resolved.name,
                    "drop": {"attention": sorted(resolved.drop_attention), "mlp": sorted(resolved.drop_mlp)},
                    "source": {"tool": "tools.export", "format": fmt, "spec": resolved.spec, **(extra_source or {})}}
@@ -306,7 +304,7 @@ def write_checkpoint(tensors: dict, source_dir, plan, out, *, fmt: str = "auto",
     dtype = dtypes.pop()
     for key in [k for k in ("torch_dtype", "dtype") if k in new_config] or ["torch_dtype"]:
         new_config[key] = str(dtype).removeprefix("torch.")  # what is stored, e.g. after healing in bfloat16
-    full = sum(math.prod(shape) for shape in full_shapes.values()) * dtype.itemsize
+    full = full_schedule(config).weight_bytes(dtype.itemsize)
     with install_dir(out, replace=force, inputs=[src, plan_file(plan)]) as tmp:
         written = _write_tensors(ordered, tmp, limit, progress)
         (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
