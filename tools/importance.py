@@ -83,10 +83,11 @@ def importance(sim: dict) -> dict:
     return {k: [None if s is None else 1.0 - s for s in sim[k]] for k in ("attention", "mlp", "block")}
 
 
-def parse_drop(text: str, num_layers: int) -> tuple[str, int]:
-    kind, _, n = text.partition(":")
-    if kind not in DROP_KINDS:
-        raise UserError(f"--drop: unknown kind {kind!r}; expected one of {', '.join(DROP_KINDS)} as KIND:N")
+def parse_drop(text: str, num_layers: int, kinds=DROP_KINDS) -> tuple[str, int]:
+    """'KIND:N' -> (kind, N), KIND one of ``kinds``; N between 1 and the candidates of that kind."""
+    kind, sep, n = str(text).partition(":")
+    if kind not in kinds or not sep:
+        raise UserError(f"--drop: unknown kind {kind!r}; expected one of {', '.join(kinds)} as KIND:N")
     try:
         n = int(n)
     except ValueError:

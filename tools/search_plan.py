@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from model.errors import UserError, cli_main
 from tools.calib import WIKITEXT2, token_windows
+from tools.importance import parse_drop
 
 KINDS = ("attention", "mlp", "block", "joint")
 METRICS = ("kl", "ppl")
@@ -35,18 +36,7 @@ METRICS = ("kl", "ppl")
 
 def parse_budget(text: str, num_layers: int) -> tuple[str, int]:
     """'KIND:N' -> (kind, N); N is the total of that kind the final plan drops."""
-    kind, sep, n = str(text).partition(":")
-    if kind not in KINDS or not sep:
-        raise UserError(f"--drop: unknown kind {kind!r}; expected KIND:N with KIND one of {', '.join(KINDS)}")
-    try:
-        n = int(n)
-    except ValueError:
-        raise UserError(f"--drop: expected KIND:N with an integer N, got {text!r}") from None
-    limit = 2 * num_layers if kind == "joint" else num_layers
-    if not 1 <= n <= limit:
-        raise UserError(f"--drop: N must be between 1 and {limit} for {kind} on a {num_layers}-layer model "
-                        f"({limit} {kind} {'sublayers' if kind == 'joint' else 'candidates'}), got {n}")
-    return kind, n
+    return parse_drop(text, num_layers, KINDS)
 
 
 def _dropped(attention: set, mlp: set, kind: str) -> int:
