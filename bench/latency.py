@@ -42,6 +42,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from bench.flags import int_list
 from model.errors import UserError, cli_main
 
 MiB = 2**20
@@ -343,16 +344,6 @@ def parse_args(argv):
         p.set_defaults(plans="full,attn66", contexts="16", batches="1", dtypes="float32", steps=4, warmup=1,
                        impls="ours,ours-eager,hf-eager")
     return p.parse_args(argv)
-
-
-def int_list(value: str, flag: str) -> list[int]:
-    try:
-        out = [int(v) for v in value.split(",") if v]
-    except ValueError:
-        out = []
-    if not out or min(out) < 1:
-        raise UserError(f"{flag}: expected comma-separated positive integers, got {value!r}")
-    return out
 
 
 def specs_of(args) -> list[dict]:

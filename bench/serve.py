@@ -30,17 +30,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from bench.flags import int_list
 from model.errors import UserError, cli_main
-
-
-def ints(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise UserError(f"{flag}: expected comma-separated positive integers, got {text!r}")
-    return values
 
 
 def percentile(values, q):
@@ -268,8 +259,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if bool(args.url) == bool(args.launch):
         raise UserError("pass either --url (a running server) or --launch")
-    conc, plens, olens = ints(args.concurrency, "--concurrency"), ints(args.prompt_lens, "--prompt-lens"), \
-        ints(args.output_lens, "--output-lens")
+    conc, plens, olens = int_list(args.concurrency, "--concurrency"), int_list(args.prompt_lens, "--prompt-lens"), \
+        int_list(args.output_lens, "--output-lens")
     if args.requests < 1:
         raise UserError(f"--requests: expected an integer >= 1, got {args.requests}")
     rows, rss = [], {}
