@@ -18,7 +18,6 @@ is overwritten before anything reads it, and their mask (keys 0..index) is never
 """
 
 import itertools
-import math
 import threading
 import time
 from collections import deque
@@ -311,18 +310,3 @@ class Scheduler:
             seq.slot = None
 
 
-def parse_size(text: str) -> int:
-    """``256M`` -> bytes (binary suffixes K, M, G, T; optional trailing B/iB); UserError otherwise."""
-    s = str(text).strip().upper().removesuffix("IB").removesuffix("B")
-    mult = 1
-    for i, suffix in enumerate("KMGT"):
-        if s.endswith(suffix):
-            s, mult = s[:-1], 1024 ** (i + 1)
-            break
-    try:
-        value = float(s)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise UserError(f"--kv-memory: expected a positive size such as 256M or 2G (binary K/M/G/T), got {text!r}")
-    return int(value * mult)

@@ -18,7 +18,8 @@ import uuid
 from dataclasses import dataclass
 
 from model.errors import UserError, cli_main
-from runtime.scheduler import QueueFull, SamplingParams, Scheduler, Sequence, parse_size, pool_slots
+from model.sizes import parse_size
+from runtime.scheduler import QueueFull, SamplingParams, Scheduler, Sequence, pool_slots
 
 MAX_SEED = 2**63 - 1
 
@@ -485,7 +486,7 @@ def main(argv=None) -> int:
     import uvicorn
 
     args = parse_args(argv)
-    kv_memory = parse_size(args.kv_memory)
+    kv_memory = parse_size(args.kv_memory, "--kv-memory", binary=True)
     engine = load_engine(args)
     model_id = args.model or "smollm2-135m-instruct"
     app = create_app(engine, model_id, kv_memory, args.max_batch, args.max_seq_len, args.max_queue,

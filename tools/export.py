@@ -21,32 +21,19 @@ same for tensors held in memory (healing).
 
 import argparse
 import json
-import re
 import shutil
 import sys
 from pathlib import Path
 
 from model.errors import UserError, cli_main, read_json
+from model.sizes import parse_size
 from model.formats import (DECILM_ARCH, NEMOTRON_NAS, PLAN_KEY, ffn_mult_to_intermediate_size,
                            intermediate_size_to_ffn_mult)
 
 FORMATS = ("nemotron-nas", "llm-drop")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")
-_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
-          "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
 _DROP_KEYS = ("block_configs", "auto_map", "drop_attn_list", "drop_mlp_list", PLAN_KEY)
-
-
-def parse_size(text) -> int:
-    """'2GB', '500MB', '1.5GiB' or a plain number of bytes -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in _UNITS:
-        raise UserError(f"--shard-size: expected a size such as 2GB, 500MB or 1GiB, got {text!r}")
-    n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-    if n <= 0:
-        raise UserError(f"--shard-size: must be positive, got {text!r}")
-    return n
 
 
 def _mib(n: int) -> str:
@@ -273,7 +260,7 @@ def write_checkpoint(tensors: dict, source_dir, plan, out, *, fmt: str = "auto",
     from runtime.schedule import compile_plan, full_schedule, needed_tensors
     from runtime.plan import load_plan, plan_file
 
-    limit = parse_size(shard_size)
+    limit = parse_size(shard_size, "--shard-size", binary=False)
     src = Path(source_dir).expanduser().resolve()
     target = Path(out).expanduser().resolve()
     config = load_config(src)
@@ -335,7 +322,7 @@ def export(model, plan, fmt: str, out, force: bool = False, shard_size="2GB", pr
     _check_format(fmt)
     if plan is None:
         raise UserError("--plan: required (a plan JSON path or a preset name)")
-    parse_size(shard_size)
+    parse_size(shard_size, "--shard-size", binary=False)
     src = resolve_model(model, show_progress=progress)
     check_target(out, replace=force, inputs=[src, plan_file(plan)])  # before the slow imports and reads
     config = load_config(src)

@@ -8,7 +8,7 @@ import pytest
 
 import runtime
 from model.errors import UserError
-from runtime.scheduler import QueueFull, SamplingParams, Scheduler, Sequence, parse_size, pool_slots
+from runtime.scheduler import QueueFull, SamplingParams, Scheduler, Sequence, pool_slots
 
 STORIES = "../shared/models/stories260K"
 
@@ -34,14 +34,6 @@ def run_all(scheduler, prompts, params):
         else:
             reasons[i], left = value, left - 1
     return texts, reasons, [s.out for s in seqs]
-
-
-def test_kv_memory_sizes():
-    assert parse_size("256M") == 256 * 2**20 and parse_size("1g") == 2**30 and parse_size("512") == 512
-    assert parse_size("1.5KiB") == 1536
-    for bad in ("", "-1M", "lots", "0", "nanM"):
-        with pytest.raises(UserError, match="--kv-memory"):
-            parse_size(bad)
 
 
 def test_plan_holds_more_rows(engine):
