@@ -3,6 +3,7 @@
 Greedy, as FinerCut does: starting from ``--plan`` (default ``full``), each step tries removing every
 remaining candidate sublayer, scores the resulting model on a few calibration windows, and removes
 the best one, until ``--drop KIND:N`` holds (N in total for that kind, the start plan's drops included).
+``--shortlist K`` makes it cheaper: after the first step only the K best of the step before are scored.
 
     python -m tools.search_plan --drop attention:10 --out plans/kl-attn10.json
 
@@ -105,11 +106,18 @@ class Scorer:
         return mean if self.metric == "kl" else float(torch.tensor(mean).exp())
 
 
-def greedy(scorer: Scorer, start, kind: str, n: int, progress: bool = True, log=None) -> tuple[dict, list[dict]]:
+def greedy(scorer: Scorer, start, kind: str, n: int, shortlist: int | None = None, progress: bool = True,
+           log=None) -> tuple[dict, list[dict]]:
     """Remove sublayers one at a time until ``n`` of ``kind`` are dropped. Returns (plan dict, steps),
-    steps = [{"remove": "attention 7", "score": float, "seconds": float}]."""
+    steps = [{"remove": "attention 7", "score": float, "seconds": float, "scored": int}].
+
+    shortlist K: the first step scores every candidate; each later step scores only the K candidates
+    that scored best (lowest) at the step before (a lazy greedy: removing one sublayer seldom reorders
+    the others' effects by much), so a search costs about C + (n-1) K candidates instead of ~n C."""
     from runtime.plan import load_plan
 
+    if shortlist is not None and shortlist < 1:
+        raise UserError(f"--shortlist: expected a positive integer, got {shortlist}")
     L = scorer.engine.config.num_layers
     p = load_plan(start, L)
     attention, mlp = set(p.drop_attention), set(p.drop_mlp)
@@ -117,26 +125,33 @@ def greedy(scorer: Scorer, start, kind: str, n: int, progress: bool = True, log=
     if have >= n:
         raise UserError(f"--plan {p.name!r} already drops {have} {kind} sublayer(s); --drop {kind}:{n} asks for "
                         f"{n} in total, so there is nothing left to search")
-    steps = []
-    moves_total = sum(len(candidates(attention, mlp, kind, L)) - s for s in range(n - have))
-    bar = tqdm(total=moves_total, desc="search", unit="candidate", disable=not progress, file=sys.stderr)
+    steps, previous = [], None  # previous: {move: score} of the last step
+    per_step = [len(candidates(attention, mlp, kind, L)) - s for s in range(n - have)]
+    if shortlist is not None:
+        per_step = per_step[:1] + [min(shortlist, c) for c in per_step[1:]]
+    bar = tqdm(total=sum(per_step), desc="search", unit="candidate", disable=not progress, file=sys.stderr)
     while _dropped(attention, mlp, kind) < n:
         t0 = time.perf_counter()
         moves = candidates(attention, mlp, kind, L)
         if not moves:
             raise UserError(f"--drop {kind}:{n}: no {kind} candidates left to drop")
-        scored = []
+        if shortlist is not None and previous is not None:
+            moves = sorted(moves, key=lambda m: (previous.get(m, float("inf")), m))[:shortlist]
+        scored = {}
         for move in moves:
-            scored.append((scorer(plan_dict(*apply(attention, mlp, move))), move))
+            scored[move] = scorer(plan_dict(*apply(attention, mlp, move)))
             bar.update(1)
-        score, move = min(scored, key=lambda s: s[0])
+        move = min(scored, key=lambda m: (scored[m], m))
+        score = scored.pop(move)
+        previous = scored
         attention, mlp = apply(attention, mlp, move)
-        step = {"remove": f"{move[0]} {move[1]}", "score": score, "seconds": round(time.perf_counter() - t0, 1)}
+        step = {"remove": f"{move[0]} {move[1]}", "score": score, "seconds": round(time.perf_counter() - t0, 1),
+                "scored": len(moves)}
         steps.append(step)
         bar.set_postfix(last=step["remove"], score=f"{score:.4g}")
         if log is not None:
-            print(f"step {len(steps)}: remove {step['remove']}  {scorer.metric} {score:.6g}  ({step['seconds']} s)",
-                  file=log, flush=True)
+            print(f"step {len(steps)}: remove {step['remove']}  {scorer.metric} {score:.6g}  "
+                  f"({len(moves)} candidates, {step['seconds']} s)", file=log, flush=True)
     bar.close()
     return plan_dict(attention, mlp), steps
 
@@ -174,6 +189,8 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=4, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--shortlist", type=int, default=None, metavar="K",
+                   help="after the first step, score only the K best candidates of the step before")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -197,7 +214,7 @@ def main(argv=None) -> int:
     engine = runtime.load(checkpoint, dtype=args.dtype, device=args.device, compile=False)
     windows = calibration_windows(engine.tokenizer, args.calib, args.samples, args.seq_len)
     scorer = Scorer(engine, windows, args.metric, args.batch_size)
-    drop_plan, steps = greedy(scorer, args.plan, kind, n, log=sys.stderr)
+    drop_plan, steps = greedy(scorer, args.plan, kind, n, args.shortlist, log=sys.stderr)
     wall = time.perf_counter() - t0
     plan = {"version": 1, "name": out.stem,
             "description": f"greedy search: the {args.drop} whose removal changes the output least "
@@ -205,6 +222,7 @@ def main(argv=None) -> int:
             "drop": drop_plan["drop"],
             "source": {"tool": "tools.search_plan", "model": args.model or DEFAULT_MODEL, "calib": _portable(args.calib),
                        "samples": args.samples, "seq_len": args.seq_len, "metric": args.metric,
+                       "shortlist": args.shortlist,
                        "start_plan": args.plan or "full", "drop": args.drop, "dtype": args.dtype,
                        "wall_s": round(wall, 1), "steps": steps}}
     out.parent.mkdir(parents=True, exist_ok=True)

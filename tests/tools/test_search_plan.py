@@ -58,6 +58,22 @@ def test_greedy_reaches_budget_and_extends_start_plan(scorer):
     assert scores == sorted(scores)  # removing more never brings the output closer here
 
 
+def test_shortlist_rescores_only_the_best_of_the_step_before(scorer):
+    L = scorer.engine.config.num_layers
+    full_plan, full_steps = greedy(scorer, None, "joint", 3, progress=False)
+    wide_plan, wide_steps = greedy(scorer, None, "joint", 3, shortlist=2 * L, progress=False)
+    assert wide_plan == full_plan and [s["remove"] for s in wide_steps] == [s["remove"] for s in full_steps]
+    _, first = greedy(scorer, None, "joint", 1, progress=False)
+    one_plan, one_steps = greedy(scorer, None, "joint", 3, shortlist=1, progress=False)
+    assert [s["scored"] for s in one_steps] == [2 * L, 1, 1]
+    assert one_steps[0]["remove"] == first[0]["remove"]
+    # with K = 1 the second removal is the runner-up of the first step
+    runner_up = sorted((scorer(_single(m)), m) for m in candidates(set(), set(), "joint", L))[1][1]
+    assert one_steps[1]["remove"] == f"{runner_up[0]} {runner_up[1]}"
+    with pytest.raises(UserError, match="--shortlist"):
+        greedy(scorer, None, "joint", 2, shortlist=0, progress=False)
+
+
 def test_block_moves_become_blocks(scorer):
     plan, _ = greedy(scorer, None, "block", 2, progress=False)
     assert len(plan["drop"]["block"]) == 2 and not plan["drop"]["attention"] and not plan["drop"]["mlp"]
