@@ -13,6 +13,7 @@ from model.errors import UserError
 from runtime.plan import load_plan
 from tools import distill
 from tools.heal import heal, main, parser
+from tools import heal_data
 from tools.heal_data import check_training_file, read_prompts
 
 TINYSTORIES = STORIES.parents[1] / "data" / "tinystories" / "validation_head.txt"
@@ -153,3 +154,27 @@ def test_guard_and_prompts(tmp_path):
     prompts = read_prompts()
     assert len(prompts) >= 500 and len(set(prompts)) == len(prompts)
     assert any("\n" in p for p in prompts)  # escaped newlines (code prompts) come back
+
+
+def test_sample_plan_meets_every_variant():
+    prompts = [f"p{i}" for i in range(5)]
+    seen = {heal_data.sample_plan(i, prompts, (0.7, 1.0), (False, True)) for i in range(4 * len(prompts))}
+    assert seen == {(p, t, c) for p in range(5) for t in (0.7, 1.0) for c in (False, True)}
+
+
+def test_self_generate_caches_shards_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUBLAYER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(heal_data, "SHARD", 4)
+    load = runtime.load
+    monkeypatch.setattr(runtime, "load", lambda *a, **k: load(*a, **dict(k, dtype="float32", compile=False)))
+    ids = heal_data.self_generate(STORIES, 6, max_new_tokens=12, slots=3, progress=False)
+    assert len(ids) == 6 and all(len(s) > 1 for s in ids)
+    shards = sorted((tmp_path / "cache" / "heal-data").glob("*/shard-*.jsonl"))
+    assert [p.name for p in shards] == ["shard-00000.jsonl", "shard-00001.jsonl"]
+    rows = [json.loads(line) for line in shards[0].read_text().splitlines()]
+    assert [r["sample"] for r in rows] == [0, 1, 2, 3] and [r["temperature"] for r in rows] == [0.7, 1.0, 0.7, 1.0]
+    assert not any(r["chat"] for r in rows)  # stories260K has no chat template
+    first = shards[0].stat().st_mtime_ns
+    shards[1].unlink()  # as if killed while shard 1 was in flight: only it is generated again
+    again = heal_data.self_generate(STORIES, 6, max_new_tokens=12, slots=2, progress=False)
+    assert again == ids and shards[0].stat().st_mtime_ns == first
