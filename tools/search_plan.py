@@ -4,6 +4,10 @@ Greedy, as FinerCut does: starting from ``--plan`` (default ``full``), each step
 remaining candidate sublayer, scores the resulting model on a few calibration windows, and removes
 the best one, until ``--drop KIND:N`` holds (N in total for that kind, the start plan's drops included).
 ``--shortlist K`` makes it cheaper: after the first step only the K best of the step before are scored.
+Instead of a count, ``--target-speedup X`` (a decode step predicted X times faster, from a per-sublayer
+step-time table measured once per model, dtype and machine: on CPU a kept attention costs far more than
+its bytes) or ``--budget-bytes B`` (kept weights) stop the search; then each step removes the candidate
+with the least score increase per millisecond (or byte) it saves.
 
     python -m tools.search_plan --drop attention:10 --out plans/kl-attn10.json
 
@@ -19,6 +23,7 @@ evaluation, ``tools.perplexity --start-fraction 0.5``): windows past the middle 
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -106,44 +111,167 @@ class Scorer:
         return mean if self.metric == "kl" else float(torch.tensor(mean).exp())
 
 
-def greedy(scorer: Scorer, start, kind: str, n: int, shortlist: int | None = None, progress: bool = True,
+class Count:
+    """--drop KIND:N: stop when N sublayers of ``kind`` are dropped; candidates ranked by score alone."""
+
+    def __init__(self, kind: str, n: int):
+        self.kind, self.n = kind, n
+
+    def met(self, attention: set, mlp: set) -> bool:
+        return _dropped(attention, mlp, self.kind) >= self.n
+
+    def saving(self, attention: set, mlp: set, move) -> float | None:
+        return None
+
+    def describe(self, attention: set, mlp: set) -> str:
+        return f"{_dropped(attention, mlp, self.kind)} of {self.n} {self.kind} sublayers dropped"
+
+
+class Cost:
+    """--target-speedup X or --budget-bytes B: stop when the plan's predicted decode step is X times
+    faster than the full model's, or its weights fit in B bytes. ``cost(attention, mlp)`` is the plan's
+    step time or bytes; candidates are ranked by score increase per unit of cost they save (the
+    speed-for-quality trade, as Puzzle's knapsack ranks blocks)."""
+
+    def __init__(self, kind: str, cost, target: float, what: str):
+        self.kind, self.cost, self.target, self.what = kind, cost, target, what
+
+    def met(self, attention: set, mlp: set) -> bool:
+        return self.cost(attention, mlp) <= self.target
+
+    def saving(self, attention: set, mlp: set, move) -> float:
+        return self.cost(attention, mlp) - self.cost(*apply(attention, mlp, move))
+
+    def describe(self, attention: set, mlp: set) -> str:
+        return f"{self.what} {self.cost(attention, mlp):.4g} (target {self.target:.4g})"
+
+
+def step_time(table: dict, num_layers: int):
+    """(attention, mlp) -> predicted decode step ms from a cost table (``step_cost_table``)."""
+    def cost(attention: set, mlp: set) -> float:
+        return (table["fixed_ms"] + (num_layers - len(attention)) * table["attention_ms"]
+                + (num_layers - len(mlp)) * table["mlp_ms"])
+    return cost
+
+
+def weight_bytes(config, elem: int):
+    """(attention, mlp) -> bytes of the weights a plan keeps (``Schedule.weight_bytes``)."""
+    from runtime.plan import load_plan
+    from runtime.schedule import compile_plan
+
+    def cost(attention: set, mlp: set) -> float:
+        return compile_plan(load_plan(plan_dict(attention, mlp), config.num_layers), config).weight_bytes(elem)
+    return cost
+
+
+def step_cost_table(checkpoint, dtype: str = "float32", context: int = 256, batch: int = 1, steps: int = 24,
+                    compile: bool = True, progress: bool = True) -> dict:
+    """Decode step ms of one attention sublayer, one MLP sublayer and the rest (embedding, final norm,
+    head), measured once per model, dtype, context, batch, thread count and CPU, and cached under
+    ``~/.cache/sublayer/step-costs/``. Measured as the median step of three plans (full, every attention
+    dropped, every MLP dropped; all layers have the same shapes, so each sublayer costs the same):
+    attention_ms = (full - no attention) / L, mlp_ms = (full - no MLP) / L, fixed = full - L (a + m)."""
+    import hashlib
+    import platform
+    import statistics
+
+    import runtime
+    from model.config import load_config
+    from model.default_model import cache_root
+    from tools.heal_data import sha256_file
+
+    checkpoint = Path(checkpoint)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    key = {"model": checkpoint.name, "config": sha256_file(checkpoint / "config.json"), "dtype": dtype,
+           "context": context, "batch": batch, "threads": torch.get_num_threads(), "cpu": cpu,
+           "torch": torch.__version__, "compile": compile}
+    path = cache_root() / "step-costs" / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] + ".json")
+    if path.is_file():
+        return json.loads(path.read_text())
+    L = load_config(checkpoint).num_layers
+    every = list(range(L))
+    medians = {}
+    for name, plan in (("full", None), ("no_attention", {"version": 1, "drop": {"attention": every}}),
+                       ("no_mlp", {"version": 1, "drop": {"mlp": every}})):
+        engine = runtime.load(checkpoint, plan=plan, dtype=dtype, max_seq_len=context + steps + 2,
+                              show_progress=False, compile=compile)
+        cache = engine.own_cache(batch, engine.max_seq_len)
+        kv0 = torch.zeros(batch, dtype=torch.int32)
+        tok = torch.ones(batch, 1, dtype=torch.long)
+        times = []
+        with torch.inference_mode():
+            for i in range(steps + 2):  # the first two compile / warm up
+                t0 = time.perf_counter()
+                engine.decode_step(tok, cache, torch.full((batch,), context + i), kv0)
+                times.append(time.perf_counter() - t0)
+        medians[name] = statistics.median(times[2:]) * 1e3
+        if progress:
+            print(f"step costs: {name} {medians[name]:.2f} ms", file=sys.stderr)
+    a = (medians["full"] - medians["no_attention"]) / L
+    m = (medians["full"] - medians["no_mlp"]) / L
+    table = dict(key, full_ms=medians["full"], attention_ms=max(a, 0.0), mlp_ms=max(m, 0.0),
+                 fixed_ms=max(medians["full"] - L * (a + m), 0.0), measured_ms=medians)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(table, indent=1) + "\n")
+    os.replace(tmp, path)
+    return table
+
+
+def greedy(scorer: Scorer, start, kind: str, budget, shortlist: int | None = None, progress: bool = True,
            log=None) -> tuple[dict, list[dict]]:
-    """Remove sublayers one at a time until ``n`` of ``kind`` are dropped. Returns (plan dict, steps),
-    steps = [{"remove": "attention 7", "score": float, "seconds": float, "scored": int}].
+    """Remove sublayers of ``kind`` one at a time until ``budget`` is met (an int N: N of ``kind`` dropped,
+    or a ``Cost``). Returns (plan dict, steps), steps = [{"remove": "attention 7", "score": float,
+    "seconds": float, "scored": int}]. Under a count the best candidate has the lowest score; under a
+    ``Cost``, the lowest score increase per unit of cost saved.
 
     shortlist K: the first step scores every candidate; each later step scores only the K candidates
-    that scored best (lowest) at the step before (a lazy greedy: removing one sublayer seldom reorders
-    the others' effects by much), so a search costs about C + (n-1) K candidates instead of ~n C."""
+    that ranked best at the step before (a lazy greedy: removing one sublayer seldom reorders the
+    others' effects by much), so a search costs about C + (n-1) K candidates instead of ~n C."""
     from runtime.plan import load_plan
 
     if shortlist is not None and shortlist < 1:
         raise UserError(f"--shortlist: expected a positive integer, got {shortlist}")
+    if isinstance(budget, int):
+        budget = Count(kind, budget)
     L = scorer.engine.config.num_layers
     p = load_plan(start, L)
     attention, mlp = set(p.drop_attention), set(p.drop_mlp)
-    have = _dropped(attention, mlp, kind)
-    if have >= n:
-        raise UserError(f"--plan {p.name!r} already drops {have} {kind} sublayer(s); --drop {kind}:{n} asks for "
-                        f"{n} in total, so there is nothing left to search")
-    steps, previous = [], None  # previous: {move: score} of the last step
-    per_step = [len(candidates(attention, mlp, kind, L)) - s for s in range(n - have)]
-    if shortlist is not None:
-        per_step = per_step[:1] + [min(shortlist, c) for c in per_step[1:]]
-    bar = tqdm(total=sum(per_step), desc="search", unit="candidate", disable=not progress, file=sys.stderr)
-    while _dropped(attention, mlp, kind) < n:
+    if isinstance(budget, Count) and budget.met(attention, mlp):
+        have = _dropped(attention, mlp, kind)
+        raise UserError(f"--plan {p.name!r} already drops {have} {kind} sublayer(s); --drop {kind}:{budget.n} asks "
+                        f"for {budget.n} in total, so there is nothing left to search")
+    if budget.met(attention, mlp):
+        raise UserError(f"--plan {p.name!r} already meets the budget ({budget.describe(attention, mlp)}), "
+                        f"so there is nothing left to search")
+    current = 0.0 if isinstance(budget, Count) else scorer(plan_dict(attention, mlp))
+    steps, previous = [], None  # previous: {move: rank value} of the last step
+    if isinstance(budget, Count):
+        per_step = [len(candidates(attention, mlp, kind, L)) - s for s in range(budget.n - _dropped(attention, mlp, kind))]
+        if shortlist is not None:
+            per_step = per_step[:1] + [min(shortlist, c) for c in per_step[1:]]
+        total = sum(per_step)
+    else:
+        total = None
+    bar = tqdm(total=total, desc="search", unit="candidate", disable=not progress, file=sys.stderr)
+    while not budget.met(attention, mlp):
         t0 = time.perf_counter()
         moves = candidates(attention, mlp, kind, L)
         if not moves:
-            raise UserError(f"--drop {kind}:{n}: no {kind} candidates left to drop")
+            raise UserError(f"{budget.describe(attention, mlp)}: no {kind} candidates left to drop")
         if shortlist is not None and previous is not None:
             moves = sorted(moves, key=lambda m: (previous.get(m, float("inf")), m))[:shortlist]
-        scored = {}
+        scores, rank = {}, {}
         for move in moves:
-            scored[move] = scorer(plan_dict(*apply(attention, mlp, move)))
+            scores[move] = scorer(plan_dict(*apply(attention, mlp, move)))
+            saved = budget.saving(attention, mlp, move)
+            rank[move] = scores[move] if saved is None else (scores[move] - current) / max(saved, 1e-12)
             bar.update(1)
-        move = min(scored, key=lambda m: (scored[m], m))
-        score = scored.pop(move)
-        previous = scored
+        move = min(rank, key=lambda m: (rank[m], m))
+        score = scores[move]
+        rank.pop(move)
+        previous, current = rank, score
         attention, mlp = apply(attention, mlp, move)
         step = {"remove": f"{move[0]} {move[1]}", "score": score, "seconds": round(time.perf_counter() - t0, 1),
                 "scored": len(moves)}
@@ -151,7 +279,8 @@ def greedy(scorer: Scorer, start, kind: str, n: int, shortlist: int | None = Non
         bar.set_postfix(last=step["remove"], score=f"{score:.4g}")
         if log is not None:
             print(f"step {len(steps)}: remove {step['remove']}  {scorer.metric} {score:.6g}  "
-                  f"({len(moves)} candidates, {step['seconds']} s)", file=log, flush=True)
+                  f"({len(moves)} candidates, {step['seconds']} s; {budget.describe(attention, mlp)})",
+                  file=log, flush=True)
     bar.close()
     return plan_dict(attention, mlp), steps
 
@@ -183,7 +312,14 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint directory or known name (default: SmolLM2)")
     p.add_argument("--plan", default=None, help="start plan (default: full)")
-    p.add_argument("--drop", required=True, help="KIND:N, KIND in " + ", ".join(KINDS))
+    p.add_argument("--drop", default=None, help="KIND:N, KIND in " + ", ".join(KINDS))
+    p.add_argument("--target-speedup", type=float, default=None, metavar="X",
+                   help="drop --kind sublayers until the decode step is predicted X times faster than full's "
+                        "(a per-sublayer step-time table measured once per model, dtype and machine)")
+    p.add_argument("--budget-bytes", type=float, default=None, metavar="B",
+                   help="drop --kind sublayers until the kept weights fit in B bytes (at --dtype)")
+    p.add_argument("--kind", default="joint", choices=KINDS, help="what --target-speedup/--budget-bytes may drop")
+    p.add_argument("--cost-context", type=int, default=256, help="cached positions the step-time table is measured at")
     p.add_argument("--metric", default="kl", choices=METRICS)
     p.add_argument("--calib", default=str(WIKITEXT2), help="plain text or JSONL (default: WikiText-2 test, first half)")
     p.add_argument("--samples", type=int, default=4, help="calibration windows")
@@ -208,22 +344,50 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if out.exists():
         raise UserError(f"--out {out}: already exists; remove it or choose another path")
+    budgets = [f for f, v in (("--drop", args.drop), ("--target-speedup", args.target_speedup),
+                              ("--budget-bytes", args.budget_bytes)) if v is not None]
+    if len(budgets) != 1:
+        raise UserError(f"give exactly one of --drop, --target-speedup, --budget-bytes (got {', '.join(budgets) or 'none'})")
     checkpoint = resolve_model(args.model)
-    kind, n = parse_budget(args.drop, load_config(checkpoint).num_layers)
+    config = load_config(checkpoint)
     t0 = time.perf_counter()
+    cost_table = None
+    if args.drop is not None:
+        kind, budget = parse_budget(args.drop, config.num_layers)
+    elif args.target_speedup is not None:
+        kind = args.kind
+        if not args.target_speedup > 1:
+            raise UserError(f"--target-speedup: expected a number above 1, got {args.target_speedup}")
+        cost_table = step_cost_table(checkpoint, args.dtype, args.cost_context)
+        step = step_time(cost_table, config.num_layers)
+        budget = Cost(kind, step, step(set(), set()) / args.target_speedup, "predicted step ms")
+        print(f"step costs (ms): attention {cost_table['attention_ms']:.3f}, mlp {cost_table['mlp_ms']:.3f}, "
+              f"rest {cost_table['fixed_ms']:.3f}; full {step(set(), set()):.2f}", file=sys.stderr)
+    else:
+        kind = args.kind
+        elem = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
+        size = weight_bytes(config, elem)
+        if not 0 < args.budget_bytes < size(set(), set()):
+            raise UserError(f"--budget-bytes: expected a number between 0 and the full model's "
+                            f"{size(set(), set())} bytes, got {args.budget_bytes:g}")
+        budget = Cost(kind, size, args.budget_bytes, "weight bytes")
     engine = runtime.load(checkpoint, dtype=args.dtype, device=args.device, compile=False)
     windows = calibration_windows(engine.tokenizer, args.calib, args.samples, args.seq_len)
     scorer = Scorer(engine, windows, args.metric, args.batch_size)
-    drop_plan, steps = greedy(scorer, args.plan, kind, n, args.shortlist, log=sys.stderr)
+    drop_plan, steps = greedy(scorer, args.plan, kind, budget, args.shortlist, log=sys.stderr)
     wall = time.perf_counter() - t0
     plan = {"version": 1, "name": out.stem,
-            "description": f"greedy search: the {args.drop} whose removal changes the output least "
-                           f"({args.metric} against the full model)",
+            "description": f"greedy search ({budgets[0]} {args.drop or f'{args.target_speedup or args.budget_bytes:g}'}): "
+                           f"the sublayers whose removal changes the output least ({args.metric} against the full model)",
             "drop": drop_plan["drop"],
             "source": {"tool": "tools.search_plan", "model": args.model or DEFAULT_MODEL, "calib": _portable(args.calib),
                        "samples": args.samples, "seq_len": args.seq_len, "metric": args.metric,
                        "shortlist": args.shortlist,
-                       "start_plan": args.plan or "full", "drop": args.drop, "dtype": args.dtype,
+                       "start_plan": args.plan or "full", "drop": args.drop, "kind": kind,
+                       "target_speedup": args.target_speedup, "budget_bytes": args.budget_bytes,
+                       "step_costs_ms": None if cost_table is None else
+                       {k: round(cost_table[k], 4) for k in ("attention_ms", "mlp_ms", "fixed_ms", "full_ms")},
+                       "dtype": args.dtype,
                        "wall_s": round(wall, 1), "steps": steps}}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

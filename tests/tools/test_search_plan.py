@@ -13,6 +13,7 @@ from tools.calib import token_windows
 from tools import search_plan
 from tools.search_plan import Scorer, candidates, greedy, main, parse_budget
 from model.errors import UserError
+from runtime.plan import load_plan
 
 TINYSTORIES = STORIES.parents[1] / "data" / "tinystories" / "validation_head.txt"
 
@@ -74,6 +75,49 @@ def test_shortlist_rescores_only_the_best_of_the_step_before(scorer):
         greedy(scorer, None, "joint", 2, shortlist=0, progress=False)
 
 
+def test_cost_budget_stops_at_target_and_ranks_by_score_per_saving(scorer):
+    L = scorer.engine.config.num_layers
+    table = {"attention_ms": 1.0, "mlp_ms": 3.0, "fixed_ms": 2.0}
+    step = search_plan.step_time(table, L)
+    full = step(set(), set())
+    budget = search_plan.Cost("joint", step, full / 1.5, "ms")
+    plan, steps = greedy(scorer, None, "joint", budget, progress=False)
+    p = load_plan(plan, L)
+    assert step(set(p.drop_attention), set(p.drop_mlp)) <= full / 1.5
+    # minimal: undoing the last removal misses the target
+    kind, layer = steps[-1]["remove"].split()
+    a, m = set(p.drop_attention), set(p.drop_mlp)
+    (a if kind == "attention" else m).discard(int(layer))
+    assert step(a, m) > full / 1.5
+    # the first removal has the least KL per ms saved
+    ratio = {mv: scorer(_single(mv)) / (1.0 if mv[0] == "attention" else 3.0) for mv in candidates(set(), set(), "joint", L)}
+    best = min(ratio, key=ratio.get)
+    assert steps[0]["remove"] == f"{best[0]} {best[1]}"
+
+
+def test_step_cost_table_is_measured_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUBLAYER_CACHE", str(tmp_path))
+    table = search_plan.step_cost_table(STORIES, context=16, steps=4, compile=False, progress=False)
+    assert table["full_ms"] > 0 and table["attention_ms"] >= 0 and table["mlp_ms"] >= 0
+    assert set(table["measured_ms"]) == {"full", "no_attention", "no_mlp"}
+    monkeypatch.setattr(runtime, "load", lambda *a, **k: pytest.fail("measured again"))
+    assert search_plan.step_cost_table(STORIES, context=16, steps=4, compile=False, progress=False) == table
+
+
+def test_cli_budget_bytes(tmp_path):
+    from runtime.schedule import compile_plan
+    from model.config import load_config
+
+    config = load_config(STORIES)
+    full = compile_plan(load_plan(None, 5), config).weight_bytes(4)
+    out = tmp_path / "bytes.json"
+    assert main(["--model", str(STORIES), "--budget-bytes", str(int(full * 0.9)), "--kind", "mlp", "--calib",
+                 str(TINYSTORIES), "--samples", "2", "--seq-len", "32", "--out", str(out)]) == 0
+    plan = json.loads(out.read_text())
+    assert compile_plan(load_plan(plan, 5), config).weight_bytes(4) <= full * 0.9
+    assert plan["drop"]["mlp"] and not plan["drop"]["attention"] and plan["source"]["kind"] == "mlp"
+
+
 def test_block_moves_become_blocks(scorer):
     plan, _ = greedy(scorer, None, "block", 2, progress=False)
     assert len(plan["drop"]["block"]) == 2 and not plan["drop"]["attention"] and not plan["drop"]["mlp"]
@@ -108,6 +152,10 @@ def test_cli_writes_plan_with_log(tmp_path):
     (["--drop", "heads:1"], "unknown kind"),
     (["--drop", "attention:1", "--plan", "attn66"], "already drops 2 attention"),
     (["--drop", "attention:1", "--samples", "100000"], "windows"),
+    ([], "exactly one of --drop, --target-speedup, --budget-bytes (got none)"),
+    (["--drop", "attention:1", "--budget-bytes", "1000"], "(got --drop, --budget-bytes)"),
+    (["--target-speedup", "0.5"], "--target-speedup: expected a number above 1"),
+    (["--budget-bytes", "1e12"], "--budget-bytes: expected a number between 0"),
 ])
 def test_cli_bad_input(tmp_path, capsys, args, message):
     code = main(["--model", str(STORIES), "--calib", str(TINYSTORIES), "--seq-len", "64",
