@@ -12,6 +12,7 @@ the default run compiles a representative subset.
 """
 
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -28,7 +29,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from tests.kernels.launches import Launch, bind, model_launches
+from tests.kernels.launches import MODELS as LAUNCH_MODELS, Launch, _Recorder, bind, jit_cache_key, model_launches
 
 ROOT = Path(__file__).resolve().parents[2]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -60,10 +61,14 @@ PTXAS_REGS = re.compile(r"Used (\d+) registers")
 def compile_model(model: str, dtype_name: str, arch: int, phases=PHASES, only: str = "") -> list[dict]:
     """Compile every distinct launch of `model` in `phases` (kernels whose name contains `only`); one
     result per compiled kernel."""
+    launches = [launch for launch in model_launches(model, DTYPES[dtype_name], phases=phases) if only in launch.what]
+    return compile_launches(launches, arch)
+
+
+def compile_launches(launches: list[Launch], arch: int) -> list[dict]:
+    """Compile each launch; one result per distinct kernel binary."""
     results, seen = [], set()
-    for launch in model_launches(model, DTYPES[dtype_name], phases=phases):
-        if only not in launch.what:
-            continue
+    for launch in launches:
         t0 = time.perf_counter()
         compiled, log = compile_launch(launch, arch)
         key = (launch.what.split("/")[1], compiled.hash)  # same kernel, same binary
@@ -77,7 +82,8 @@ def compile_model(model: str, dtype_name: str, arch: int, phases=PHASES, only: s
             "spill_stores": int(spills[-1][0]) if spills else None,
             "spill_loads": int(spills[-1][1]) if spills else None,
             "shared": compiled.metadata.shared, "num_warps": compiled.metadata.num_warps,
-            "consts": {k: v for k, v in launch.kwargs.items() if k.startswith("BLOCK_") or k == "num_warps"},
+            "consts": {k: v for k, v in launch.kwargs.items()
+                       if k.startswith("BLOCK_") or k in ("num_warps", "num_stages")},
             "seconds": round(time.perf_counter() - t0, 2), "log": log,
         })
     return results
@@ -85,19 +91,30 @@ def compile_model(model: str, dtype_name: str, arch: int, phases=PHASES, only: s
 
 def check_model(capsys, model, dtype_name, arch, phases=PHASES, only="", kinds=6) -> list[dict]:
     """Compile in a subprocess without the interpreter; assert cubins, ptxas logs, 0 spills, shared memory."""
+    results = compile_in_subprocess(model, dtype_name, str(arch), ",".join(phases), only)
+    check_results(capsys, f"{model:13s} {dtype_name} sm_{arch}", results, arch)
+    found = {r["what"].split("/")[1].split()[0] for r in results}
+    assert len(found) == kinds, f"expected {kinds} kernels to be launched, got {sorted(found)}"
+    return results
+
+
+def compile_in_subprocess(*argv: str) -> list[dict]:
+    """This file run as the compiling subprocess with ``argv`` (see the bottom); its results."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, __file__, model, dtype_name, str(arch), ",".join(phases), only],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, __file__, *argv], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
-    rows = [f"{model:13s} {dtype_name} sm_{arch} {r['what']:55s} regs {r['regs']} spill st/ld "
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def check_results(capsys, label: str, results: list[dict], arch: int) -> list[dict]:
+    """Print one row per compiled kernel; assert cubins, ptxas logs, 0 spills, shared memory."""
+    rows = [f"{label} {r['what']:55s} regs {r['regs']} spill st/ld "
             f"{r['spill_stores']}/{r['spill_loads']} smem {r['shared']} warps {r['num_warps']} {r['seconds']}s"
             for r in results]
     with capsys.disabled():
         print("\n" + "\n".join(rows))
-    found = {r["what"].split("/")[1].split()[0] for r in results}
-    assert len(found) == kinds, f"expected {kinds} kernels to be launched, got {sorted(found)}"
     for r in results:
         assert r["cubin_bytes"] > 0, f"{r['what']}: no cubin"
         assert r["regs"] is not None and r["spill_stores"] is not None, f"{r['what']}: no ptxas log:\n{r['log']}"
@@ -141,6 +158,75 @@ def test_compiles_without_spills_sweep(capsys, model, dtype_name, arch):
     check_model(capsys, model, dtype_name, arch)
 
 
-if __name__ == "__main__":  # the compiling subprocess: model dtype arch phases only -> JSON on the last line
-    print(json.dumps(compile_model(sys.argv[1], sys.argv[2], int(sys.argv[3]), tuple(sys.argv[4].split(",")),
-                                   sys.argv[5])))
+# ---- kernels/quant_matmul.py: every projection of a model, quantized, as the runtime launches it --------
+QUANT_SCHEMES = {"int8": ("int8", None), "q8_0": ("int8", 32), "int4-g32": ("int4", 32),
+                 "int4-g64": ("int4", 64), "int4-g128": ("int4", 128)}
+QUANT_ROWS = (1, 8, 512)  # decode at batch 1 and 8, a prefill chunk
+VOCAB = {"llama2-7b": 32000, "llama3-8b": 128256, "smollm2-135m": 49152}
+
+
+def quant_launches(model: str, dtype: torch.dtype, scheme: str, rows=QUANT_ROWS) -> list[Launch]:
+    """quant_matmul's launches (recorded on meta tensors) for the fused qkv, o, fused gate/up, down and
+    LM-head projections of ``model`` quantized as ``scheme``, at each number of ``rows``; one launch
+    per distinct JIT key (the same binary is compiled once)."""
+    qm = importlib.import_module("kernels.quant_matmul")  # the module (``kernels.quant_matmul`` is the function)
+    from model.quant import QuantWeight
+
+    m = LAUNCH_MODELS[model]
+    H, Hq, Hkv, D, I = m["hidden"], m["heads"], m["kv_heads"], m["head_dim"], m["inter"]
+    kind, group = QUANT_SCHEMES[scheme]
+    shapes = {"qkv": ((Hq + 2 * Hkv) * D, H), "o": (H, Hq * D), "gate_up": (2 * I, H), "down": (H, I),
+              "head": (VOCAB[model], H)}
+    sink, saved = [], {name: getattr(qm, name) for name in ("_quant_matmul_kernel", "_split_k_sum_kernel")}
+    for M in rows:
+        for proj, (N, K) in shapes.items():
+            G = group or K
+            if K % G:  # refused at load (SmolLM2's 576 inputs in groups of 128)
+                continue
+            data = torch.empty(N, K if kind == "int8" else K // 2, device="meta",
+                               dtype=torch.int8 if kind == "int8" else torch.uint8)
+            scale = torch.empty(N, K // G, device="meta", dtype=torch.float16)
+            w = QuantWeight(data, scale, torch.empty_like(scale) if kind == "int4" else None, G)
+            try:
+                for name, kernel in saved.items():
+                    setattr(qm, name, _Recorder(kernel, f"{scheme} M{M} {proj}/{name.strip('_')}", sink))
+                qm.quant_matmul_triton(torch.empty(M, K, device="meta", dtype=dtype), w)
+            finally:
+                for name, kernel in saved.items():
+                    setattr(qm, name, kernel)
+    unique = {jit_cache_key(launch): launch for launch in reversed(sink)}  # keep the first of each key
+    return list(reversed(unique.values()))
+
+
+def check_quant(capsys, model, dtype_name, arch, schemes=tuple(QUANT_SCHEMES)) -> list[dict]:
+    results = compile_in_subprocess("quant", model, dtype_name, str(arch), ",".join(schemes))
+    check_results(capsys, f"{model:13s} {dtype_name} sm_{arch}", results, arch)
+    kernels = {r["what"].split("/")[1].split()[0] for r in results}
+    assert kernels == {"quant_matmul_kernel", "split_k_sum_kernel"}, kernels  # a projection splits K in all 3
+    return results
+
+
+QUANT_SWEEP = [(m, d, a) for m in VOCAB for d in DTYPES for a in (80, 90)]
+
+
+def test_quant_matmul_compiles_without_spills(capsys):
+    """The default schemes (int8 per channel, int4 in groups of 64) of Llama-2-7B in bfloat16 on sm_90
+    at decode (1 and 8 rows) and prefill (512 rows), with the production configs."""
+    check_quant(capsys, "llama2-7b", "bf16", 90, schemes=("int8", "int4-g64"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,dtype_name,arch", QUANT_SWEEP)
+def test_quant_matmul_compiles_without_spills_sweep(capsys, model, dtype_name, arch):
+    """Every scheme (GGUF Q8_0 and int4 groups of 32 and 128 too), model, dtype and architecture."""
+    check_quant(capsys, model, dtype_name, arch)
+
+
+if __name__ == "__main__":  # the compiling subprocess -> JSON on the last line. Arguments: model dtype arch
+    if sys.argv[1] == "quant":  # phases only; or: quant model dtype arch schemes
+        _, _, model, dtype_name, arch, schemes = sys.argv
+        launches = [la for scheme in schemes.split(",") for la in quant_launches(model, DTYPES[dtype_name], scheme)]
+        print(json.dumps(compile_launches(launches, int(arch))))
+    else:
+        print(json.dumps(compile_model(sys.argv[1], sys.argv[2], int(sys.argv[3]), tuple(sys.argv[4].split(",")),
+                                       sys.argv[5])))
