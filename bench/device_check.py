@@ -3,11 +3,12 @@ process under its own timeout, writing ``OUT/<stage>.txt``):
 
     python -m bench.device_check STAGE [STAGE ...] [--out DIR] [--device cuda|cpu] [--quick]
 
-Stages (``STAGES``): env, dispatch, graph_replay, tiles, offsets64, fp32_parity, bf16_graph_vs_plain,
-bf16_vs_fp32, generate_vs_hf, graph_captures. Each prints labelled result lines and ends with one
-``STAGE: PASS | FAIL | SKIP (why)`` line; the exit code is 1 if any stage failed. Stages that need CUDA
-skip with a message without it; ``--device cpu --quick`` runs those that also mean something on CPU
-(parity against Hugging Face, generation) on the torch references, so that CI keeps this file working.
+Stages (``STAGES``): env, dispatch, graph_replay, tiles, quant_matmul, offsets64, fp32_parity,
+bf16_graph_vs_plain, bf16_vs_fp32, generate_vs_hf, graph_captures. Each prints labelled result lines and
+ends with one ``STAGE: PASS | FAIL | SKIP (why)`` line; the exit code is 1 if any stage failed. Stages
+that need CUDA skip with a message without it; ``--device cpu --quick`` runs those that also mean
+something on CPU (parity against Hugging Face, generation) on the torch references, so that CI keeps
+this file working.
 
 Models: stories260K (``$SUBLAYER_STORIES``, else ``.gpu-carry/stories260K``, else ``../shared``), random
 tiny GQA Llamas made here by transformers, and random-weight shapes (``runtime.engine.load_shape``).
@@ -231,6 +232,106 @@ def stage_tiles(dev, quick):
             lines.append(f"decode {dtype} D{D} S{S}: {err:.2e}")
             assert err < tol[dtype], lines[-1]
     return lines
+
+
+# (N, K) of each projection (fused qkv, o, fused gate/up, down), from the checkpoints' config.json
+QUANT_SHAPES = {
+    "smollm2-135m": {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)},
+    "llama2-7b": {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)},
+}
+QUANT_SCHEMES = {"int8": ("int8", None), "q8_0": ("int8", 32), "int4-g32": ("int4", 32), "int4-g64": ("int4", 64),
+                 "int4-g128": ("int4", 128)}
+# Kernel and reference round the same dequantized weights to x's dtype and sum in float32: they differ
+# only by summation order, i.e. in the odd output rounded to the neighbouring bf16/fp16 value.
+QUANT_TOL = 2e-3
+QUANT_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def stage_quant_matmul(dev, quick):
+    """kernels.quant_matmul on every scheme and projection of SmolLM2-135M and Llama-2-7B: against its
+    reference (dequantize, multiply in float32) in bf16 and fp16 at 1, 8 and 100 rows, then timed at
+    1 row against bf16 ``F.linear`` of the same (dequantized) weights, each launch replayed from a CUDA
+    graph as decode runs it, L2 flushed between runs (``triton.testing.do_bench``): GB/s of the bytes
+    each reads. Other tiles (64-row blocks unsplit, 32 and 128 rows per block) for int8 and int4-g64."""
+    need_cuda(dev)
+    import torch.nn.functional as F
+
+    from bench.latency import copy_bandwidth
+    from kernels.quant_matmul import quant_matmul_config, quant_matmul_reference, quant_matmul_triton, split_k
+    from model.quant import dequantize, quantize
+
+    gen = torch.Generator(device=dev).manual_seed(0)
+    lines, worst = [], {}
+    weights = {}
+    for model, shapes in QUANT_SHAPES.items():
+        for proj, (N, K) in shapes.items():
+            w = torch.randn(N, K, generator=gen, device=dev) * 0.02
+            for scheme, (kind, group) in QUANT_SCHEMES.items():
+                if K % (group or K):
+                    continue
+                q = weights[model, proj, scheme] = quantize(w, kind, group)
+                for dtype in QUANT_DTYPES:
+                    for M in (1, 8, 100):
+                        x = torch.randn(M, K, generator=gen, device=dev).to(dtype)
+                        err = rel_err(quant_matmul_triton(x, q), quant_matmul_reference(x, q))
+                        key = (dtype, scheme)
+                        worst[key] = max(worst.get(key, (0.0, "")), (err, f"{model} {proj} M={M}"))
+            del w
+    bad = []
+    for (dtype, scheme), (err, where) in sorted(worst.items(), key=str):
+        lines.append(f"parity {str(dtype)[6:]} {scheme}: worst relative error {err:.2e} ({where})")
+        if err > QUANT_TOL:
+            bad.append(lines[-1])
+
+    peak = copy_bandwidth(dev)
+    lines.append(f"copy bandwidth (read + write of 256 MiB): {peak / 1e9:.0f} GB/s; times: median, L2 flushed, "
+                 "graph replay")
+    x1 = {K: torch.randn(1, K, generator=gen, device=dev).to(torch.bfloat16)
+          for shapes in QUANT_SHAPES.values() for _, K in shapes.values()}
+    for model, shapes in QUANT_SHAPES.items():
+        for proj, (N, K) in shapes.items():
+            x = x1[K]
+            dense = dequantize(weights[model, proj, "int8"], torch.bfloat16)
+            t_dense = graph_time(lambda: F.linear(x, dense))
+            nbytes = dense.numel() * 2
+            lines.append(f"{model} {proj} [{N}x{K}] bf16 F.linear: {t_dense * 1e6:7.1f} us "
+                         f"{nbytes / t_dense / 1e9:6.0f} GB/s ({nbytes / 2**20:.1f} MiB)")
+            del dense
+            for scheme in QUANT_SCHEMES:
+                q = weights.get((model, proj, scheme))
+                if q is None:
+                    continue
+                cfg = quant_matmul_config(1, N, K, q.kind, q.group_size, torch.bfloat16)
+                tiles = {"default": cfg}
+                if scheme in ("int8", "int4-g64") and not quick:
+                    tiles["unsplit"] = {**cfg, **split_k(1, N, K, cfg, 1)}
+                    for bn in (32, 128):
+                        other = {**cfg, "BLOCK_N": bn}
+                        tiles[f"BLOCK_N {bn}"] = {**other, **split_k(1, N, K, other)}
+                for name, c in tiles.items():
+                    if name != "default" and c == cfg:
+                        continue
+                    t = graph_time(lambda: quant_matmul_triton(x, q, c))
+                    lines.append(f"{model} {proj} [{N}x{K}] {scheme:9s} {name:11s} split {c['SPLIT_K']}: "
+                                 f"{t * 1e6:7.1f} us {q.nbytes / t / 1e9:6.0f} GB/s ({q.nbytes / 2**20:.1f} MiB, "
+                                 f"{100 * q.nbytes / t / peak:.0f}% of copy), {t_dense / t:.2f}x F.linear")
+    assert not bad, bad
+    return lines
+
+
+def graph_time(fn) -> float:
+    """Seconds per call of ``fn`` replayed from a CUDA graph (median, L2 flushed before each replay)."""
+    from triton.testing import do_bench
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compile and warm up outside the capture
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return do_bench(graph.replay, warmup=5, rep=30, return_mode="median") * 1e-3
 
 
 def stage_offsets64(dev, quick):

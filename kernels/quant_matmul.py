@@ -141,12 +141,19 @@ def quant_matmul_config(M: int, N: int, K: int, kind: str, group_size: int, dtyp
     else:
         block_k = 32 if fp32 else 64
         cfg = {"BLOCK_M": 64, "BLOCK_N": 64 if fp32 else 128, "num_warps": 8 if fp32 else 4, "num_stages": 3}
-    part = part_inputs(kind, group_size, K, block_k)
-    tiles = triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(M, cfg["BLOCK_M"])
-    chunks = triton.cdiv(K, block_k)
-    split = max(1, min(TARGET_PROGRAMS // tiles, chunks // MIN_CHUNKS_PER_SPLIT)) if M <= DECODE_ROWS else 1
-    iters = triton.cdiv(chunks, split)
-    return {**cfg, "BLOCK_K": block_k, "PART_K": part, "SPLIT_K": triton.cdiv(chunks, iters), "ITERS": iters}
+    cfg.update(BLOCK_K=block_k, PART_K=part_inputs(kind, group_size, K, block_k))
+    return {**cfg, **split_k(M, N, K, cfg, None if M <= DECODE_ROWS else 1)}
+
+
+def split_k(M: int, N: int, K: int, cfg: dict, split: int | None = None) -> dict:
+    """``SPLIT_K`` and ``ITERS`` (chunks per split) for ``cfg``'s tiles: ``split`` ways, or by default
+    enough programs to fill the GPU, each still looping over ``MIN_CHUNKS_PER_SPLIT`` chunks."""
+    chunks = triton.cdiv(K, cfg["BLOCK_K"])
+    if split is None:
+        tiles = triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(M, cfg["BLOCK_M"])
+        split = max(1, min(TARGET_PROGRAMS // tiles, chunks // MIN_CHUNKS_PER_SPLIT))
+    iters = triton.cdiv(chunks, max(1, split))
+    return {"SPLIT_K": triton.cdiv(chunks, iters), "ITERS": iters}
 
 
 def quant_matmul_triton(x: torch.Tensor, w: QuantWeight, config: dict | None = None) -> torch.Tensor:

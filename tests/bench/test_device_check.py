@@ -21,7 +21,8 @@ def test_script_runs_its_cpu_part_and_skips_cuda_stages(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = (tmp_path / "summary.txt").read_text()
-    for stage in ("dispatch", "graph_replay", "tiles", "offsets64", "bf16_graph_vs_plain", "graph_captures"):
+    for stage in ("dispatch", "graph_replay", "tiles", "quant_matmul", "offsets64", "bf16_graph_vs_plain",
+                  "graph_captures"):
         assert f"{stage}: SKIP (needs CUDA)" in summary, summary
     for stage in ("env", "fp32_parity", "bf16_vs_fp32", "generate_vs_hf"):
         assert f"{stage}: PASS" in summary, summary
@@ -47,3 +48,32 @@ def test_bf16_verdict_is_relative_to_hugging_face():
     assert not bf16_verdict(truth + 0.05 * noise, hf, truth)["ok"]  # 5x HF's error
     shuffled = truth[:, torch.randperm(50, generator=g)]
     assert not bf16_verdict(shuffled, hf, truth)["ok"]
+
+
+def test_quant_matmul_stage_runs_on_small_shapes(monkeypatch):
+    """The quant_matmul stage's code on CPU: the Triton kernel under the interpreter on small shapes,
+    a wall-clock timer instead of CUDA-graph replays."""
+    import time
+
+    from bench import device_check
+    from kernels import dispatch
+
+    if not dispatch.INTERPRETED:
+        pytest.skip("Triton on CPU tensors needs the interpreter")
+    monkeypatch.setattr(device_check, "need_cuda", lambda dev: None)
+    monkeypatch.setattr("bench.latency.copy_bandwidth", lambda dev: 1e10)
+    monkeypatch.setattr(device_check, "QUANT_SHAPES", {"tiny": {"o": (40, 128), "down": (24, 2048)}})
+    monkeypatch.setattr(device_check, "QUANT_DTYPES", (torch.float16,))  # the interpreter's bf16 dot is wrong
+
+    def wall_time(fn):
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    monkeypatch.setattr(device_check, "graph_time", wall_time)
+    lines = device_check.stage_quant_matmul(torch.device("cpu"), quick=False)
+    text = "\n".join(lines)
+    for scheme in device_check.QUANT_SCHEMES:
+        assert f"parity float16 {scheme}: worst relative error" in text, text
+        assert f"tiny down [24x2048] {scheme:9s} default" in text, text
+    assert "tiny o [40x128] bf16 F.linear" in text and "BLOCK_N 128" in text and "unsplit" in text, text
