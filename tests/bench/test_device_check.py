@@ -62,7 +62,7 @@ def test_quant_matmul_stage_runs_on_small_shapes(monkeypatch):
         pytest.skip("Triton on CPU tensors needs the interpreter")
     monkeypatch.setattr(device_check, "need_cuda", lambda dev: None)
     monkeypatch.setattr("bench.latency.copy_bandwidth", lambda dev: 1e10)
-    monkeypatch.setattr(device_check, "QUANT_SHAPES", {"tiny": {"o": (40, 128), "down": (24, 2048)}})
+    monkeypatch.setattr(device_check, "QUANT_SHAPES", {"tiny": {"down": (24, 1024)}})  # K split 2 ways
     monkeypatch.setattr(device_check, "QUANT_DTYPES", (torch.float16,))  # the interpreter's bf16 dot is wrong
 
     def wall_time(fn):
@@ -75,5 +75,5 @@ def test_quant_matmul_stage_runs_on_small_shapes(monkeypatch):
     text = "\n".join(lines)
     for scheme in device_check.QUANT_SCHEMES:
         assert f"parity float16 {scheme}: worst relative error" in text, text
-        assert f"tiny down [24x2048] {scheme:9s} default" in text, text
-    assert "tiny o [40x128] bf16 F.linear" in text and "BLOCK_N 128" in text and "unsplit" in text, text
+        assert f"tiny down [24x1024] {scheme:9s} default     split 2" in text, text
+    assert "tiny down [24x1024] bf16 F.linear" in text and "BLOCK_N 128" in text and "unsplit" in text, text
