@@ -10,7 +10,7 @@ import torch
 
 import kernels
 from kernels.quant_matmul import quant_matmul_config, quant_matmul_reference
-from model.quant import QuantWeight, quantize
+from model.quant import QuantWeight, pack_int4, quantize
 from tests.kernels.kernel_testing import DEVICE, DTYPES, ELEMENTWISE_TOL, assert_close, randn, rel_err, triton_path
 
 qm = importlib.import_module("kernels.quant_matmul")  # the module (``kernels.quant_matmul`` is the function)
@@ -62,6 +62,17 @@ def test_split_k_matches_reference(scheme):
     assert quant_matmul_config(2, N, K, kind, group or K, torch.float16)["SPLIT_K"] > 1
     g = torch.Generator().manual_seed(7)
     check(randn(2, K, dtype=torch.float16, gen=g), quant_weight(N, K, scheme, seed=7))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gguf_q4_0_blocks_match_reference(dtype):
+    """GGUF Q4_0 as model.quant keeps it: groups of 32, offset -8 d (symmetric), any nibbles."""
+    g = torch.Generator().manual_seed(8)
+    N, K = 50, 320
+    nibbles = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+    d = (torch.rand(N, K // 32, generator=g) * 0.01).half()
+    w = QuantWeight(pack_int4(nibbles).to(DEVICE), d.to(DEVICE), (-8 * d).to(DEVICE), 32)
+    check(randn(3, K, dtype=dtype, gen=g), w)
 
 
 def test_per_channel_int8_with_k_not_a_multiple_of_16():
