@@ -3,7 +3,7 @@
 Greedy, as FinerCut does: starting from ``--plan`` (default ``full``), each step tries removing every
 remaining candidate sublayer, scores the resulting model on a few calibration windows, and removes
 the best one, until ``--drop KIND:N`` holds (N in total for that kind, the start plan's drops included).
-``--shortlist K`` makes it cheaper: after the first step only the K best of the step before are scored.
+``--shortlist K`` makes it cheaper: after the first step only the K best by their last score are scored.
 Instead of a count, ``--target-speedup X`` (a decode step predicted X times faster, from a per-sublayer
 step-time table measured once per model, dtype and machine: on CPU a kept attention costs far more than
 its bytes) or ``--budget-bytes B`` (kept weights) stop the search; then each step removes the candidate
@@ -227,7 +227,7 @@ def greedy(scorer: Scorer, start, kind: str, budget, shortlist: int | None = Non
     ``Cost``, the lowest score increase per unit of cost saved.
 
     shortlist K: the first step scores every candidate; each later step scores only the K candidates
-    that ranked best at the step before (a lazy greedy: removing one sublayer seldom reorders the
+    that ranked best when last scored (a lazy greedy: removing one sublayer seldom reorders the
     others' effects by much), so a search costs about C + (n-1) K candidates instead of ~n C."""
     from runtime.plan import load_plan
 
@@ -246,7 +246,7 @@ def greedy(scorer: Scorer, start, kind: str, budget, shortlist: int | None = Non
         raise UserError(f"--plan {p.name!r} already meets the budget ({budget.describe(attention, mlp)}), "
                         f"so there is nothing left to search")
     current = 0.0 if isinstance(budget, Count) else scorer(plan_dict(attention, mlp))
-    steps, previous = [], None  # previous: {move: rank value} of the last step
+    steps, known = [], {}  # known: {move: rank value when it was last scored}
     if isinstance(budget, Count):
         per_step = [len(candidates(attention, mlp, kind, L)) - s for s in range(budget.n - _dropped(attention, mlp, kind))]
         if shortlist is not None:
@@ -260,8 +260,8 @@ def greedy(scorer: Scorer, start, kind: str, budget, shortlist: int | None = Non
         moves = candidates(attention, mlp, kind, L)
         if not moves:
             raise UserError(f"{budget.describe(attention, mlp)}: no {kind} candidates left to drop")
-        if shortlist is not None and previous is not None:
-            moves = sorted(moves, key=lambda m: (previous.get(m, float("inf")), m))[:shortlist]
+        if shortlist is not None and known:
+            moves = sorted(moves, key=lambda m: (known.get(m, float("inf")), m))[:shortlist]
         scores, rank = {}, {}
         for move in moves:
             scores[move] = scorer(plan_dict(*apply(attention, mlp, move)))
@@ -271,7 +271,8 @@ def greedy(scorer: Scorer, start, kind: str, budget, shortlist: int | None = Non
         move = min(rank, key=lambda m: (rank[m], m))
         score = scores[move]
         rank.pop(move)
-        previous, current = rank, score
+        known.update(rank)
+        current = score
         attention, mlp = apply(attention, mlp, move)
         step = {"remove": f"{move[0]} {move[1]}", "score": score, "seconds": round(time.perf_counter() - t0, 1),
                 "scored": len(moves)}
@@ -326,7 +327,7 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--shortlist", type=int, default=None, metavar="K",
-                   help="after the first step, score only the K best candidates of the step before")
+                   help="after the first step, score only the K candidates with the best last score")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

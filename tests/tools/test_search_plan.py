@@ -69,8 +69,10 @@ def test_shortlist_rescores_only_the_best_of_the_step_before(scorer):
     assert [s["scored"] for s in one_steps] == [2 * L, 1, 1]
     assert one_steps[0]["remove"] == first[0]["remove"]
     # with K = 1 the second removal is the runner-up of the first step
-    runner_up = sorted((scorer(_single(m)), m) for m in candidates(set(), set(), "joint", L))[1][1]
-    assert one_steps[1]["remove"] == f"{runner_up[0]} {runner_up[1]}"
+    ranked = [m for _, m in sorted((scorer(_single(m)), m) for m in candidates(set(), set(), "joint", L))]
+    assert one_steps[1]["remove"] == f"{ranked[1][0]} {ranked[1][1]}"
+    # and the third the best left by its last (first-step) score, not one never scored since
+    assert one_steps[2]["remove"] == f"{ranked[2][0]} {ranked[2][1]}"
     with pytest.raises(UserError, match="--shortlist"):
         greedy(scorer, None, "joint", 2, shortlist=0, progress=False)
 
