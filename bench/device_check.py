@@ -252,7 +252,8 @@ def stage_quant_matmul(dev, quick):
     reference (dequantize, multiply in float32) in bf16 and fp16 at 1, 8 and 100 rows, then timed at
     1 row against bf16 ``F.linear`` of the same (dequantized) weights, each launch replayed from a CUDA
     graph as decode runs it, L2 flushed between runs (``triton.testing.do_bench``): GB/s of the bytes
-    each reads. Other tiles (64-row blocks unsplit, 32 and 128 rows per block) for int8 and int4-g64."""
+    each reads. Other tiles (64-row blocks unsplit, 32 and 128 rows per block) for int8 and int4-g64.
+    Lines are yielded as they are measured."""
     need_cuda(dev)
     import torch.nn.functional as F
 
@@ -261,9 +262,9 @@ def stage_quant_matmul(dev, quick):
     from model.quant import dequantize, quantize
 
     gen = torch.Generator(device=dev).manual_seed(0)
-    lines, worst = [], {}
-    weights = {}
+    weights, bad = {}, []
     for model, shapes in QUANT_SHAPES.items():
+        worst = {}
         for proj, (N, K) in shapes.items():
             w = torch.randn(N, K, generator=gen, device=dev) * 0.02
             for scheme, (kind, group) in QUANT_SCHEMES.items():
@@ -274,18 +275,18 @@ def stage_quant_matmul(dev, quick):
                     for M in (1, 8, 100):
                         x = torch.randn(M, K, generator=gen, device=dev).to(dtype)
                         err = rel_err(quant_matmul_triton(x, q), quant_matmul_reference(x, q))
-                        key = (dtype, scheme)
-                        worst[key] = max(worst.get(key, (0.0, "")), (err, f"{model} {proj} M={M}"))
+                        key = (str(dtype)[6:], scheme)
+                        worst[key] = max(worst.get(key, (0.0, "")), (err, f"{proj} M={M}"))
             del w
-    bad = []
-    for (dtype, scheme), (err, where) in sorted(worst.items(), key=str):
-        lines.append(f"parity {str(dtype)[6:]} {scheme}: worst relative error {err:.2e} ({where})")
-        if err > QUANT_TOL:
-            bad.append(lines[-1])
+        for (dtype, scheme), (err, where) in sorted(worst.items()):
+            line = f"parity {model} {dtype} {scheme}: worst relative error {err:.2e} ({where})"
+            yield line
+            if err > QUANT_TOL:
+                bad.append(line)
 
     peak = copy_bandwidth(dev)
-    lines.append(f"copy bandwidth (read + write of 256 MiB): {peak / 1e9:.0f} GB/s; times: median, L2 flushed, "
-                 "graph replay")
+    yield (f"copy bandwidth (read + write of 256 MiB): {peak / 1e9:.0f} GB/s; times: median, L2 flushed, "
+           "graph replay")
     x1 = {K: torch.randn(1, K, generator=gen, device=dev).to(torch.bfloat16)
           for shapes in QUANT_SHAPES.values() for _, K in shapes.values()}
     for model, shapes in QUANT_SHAPES.items():
@@ -294,8 +295,8 @@ def stage_quant_matmul(dev, quick):
             dense = dequantize(weights[model, proj, "int8"], torch.bfloat16)
             t_dense = graph_time(lambda: F.linear(x, dense))
             nbytes = dense.numel() * 2
-            lines.append(f"{model} {proj} [{N}x{K}] bf16 F.linear: {t_dense * 1e6:7.1f} us "
-                         f"{nbytes / t_dense / 1e9:6.0f} GB/s ({nbytes / 2**20:.1f} MiB)")
+            yield (f"{model} {proj} [{N}x{K}] bf16 F.linear: {t_dense * 1e6:7.1f} us "
+                   f"{nbytes / t_dense / 1e9:6.0f} GB/s ({nbytes / 2**20:.1f} MiB)")
             del dense
             for scheme in QUANT_SCHEMES:
                 q = weights.get((model, proj, scheme))
@@ -312,11 +313,10 @@ def stage_quant_matmul(dev, quick):
                     if name != "default" and c == cfg:
                         continue
                     t = graph_time(lambda: quant_matmul_triton(x, q, c))
-                    lines.append(f"{model} {proj} [{N}x{K}] {scheme:9s} {name:11s} split {c['SPLIT_K']}: "
-                                 f"{t * 1e6:7.1f} us {q.nbytes / t / 1e9:6.0f} GB/s ({q.nbytes / 2**20:.1f} MiB, "
-                                 f"{100 * q.nbytes / t / peak:.0f}% of copy), {t_dense / t:.2f}x F.linear")
+                    yield (f"{model} {proj} [{N}x{K}] {scheme:9s} {name:11s} split {c['SPLIT_K']}: "
+                           f"{t * 1e6:7.1f} us {q.nbytes / t / 1e9:6.0f} GB/s ({q.nbytes / 2**20:.1f} MiB, "
+                           f"{100 * q.nbytes / t / peak:.0f}% of copy), {t_dense / t:.2f}x F.linear")
     assert not bad, bad
-    return lines
 
 
 def graph_time(fn) -> float:
@@ -513,22 +513,29 @@ STAGES = {name[len("stage_"):]: fn for name, fn in globals().items() if name.sta
 
 
 def run_stage(name, dev, quick, out: Path | None) -> str:
-    """Run one stage; print and (with ``out``) write its lines and verdict. Returns PASS, FAIL or SKIP."""
+    """Run one stage; print and (with ``out``) write its lines and verdict. Returns PASS, FAIL or SKIP.
+    A stage returns its lines, or yields them: those print as they come, so that a stage stopped by
+    its timeout still leaves what it measured."""
     lines = []
+
+    def say(line):
+        print(line, flush=True)
+        lines.append(line)
+
     try:
         with torch.inference_mode():
-            lines = STAGES[name](dev, quick)
+            for line in STAGES[name](dev, quick):
+                say(line)
         verdict = "PASS"
     except Skip as e:
         verdict = f"SKIP ({e})"
     except Exception as e:  # a failed check or a crash: the stage fails, the others still run
-        lines.append("".join(traceback.format_exception(e)).rstrip())
+        say("".join(traceback.format_exception(e)).rstrip())
         verdict = "FAIL"
-    text = "\n".join(lines + [f"{name}: {verdict}"])
-    print(text, flush=True)
+    say(f"{name}: {verdict}")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"{name}.txt").write_text(text + "\n")
+        (out / f"{name}.txt").write_text("\n".join(lines) + "\n")
     return verdict.split()[0]
 
 

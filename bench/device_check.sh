@@ -71,7 +71,7 @@ if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
     else
         note "wheels: none staged in $CARRY/wheels (bench/device_check.sh --stage): the machine's own transformers is used only if it is the pinned one"
     fi
-    for stage in env:20 dispatch:60 fp32_parity:60 graph_replay:40 tiles:40 quant_matmul:90 bf16_graph_vs_plain:30 \
+    for stage in env:20 dispatch:60 fp32_parity:60 graph_replay:40 tiles:40 quant_matmul:120 bf16_graph_vs_plain:30 \
                  bf16_vs_fp32:30 generate_vs_hf:30 graph_captures:30 offsets64:40; do
         run "${stage%%:*}" "${stage##*:}" "$PY" -m bench.device_check "${stage%%:*}"
     done

@@ -71,9 +71,9 @@ def test_quant_matmul_stage_runs_on_small_shapes(monkeypatch):
         return time.perf_counter() - t0
 
     monkeypatch.setattr(device_check, "graph_time", wall_time)
-    lines = device_check.stage_quant_matmul(torch.device("cpu"), quick=False)
+    lines = list(device_check.stage_quant_matmul(torch.device("cpu"), quick=False))
     text = "\n".join(lines)
     for scheme in device_check.QUANT_SCHEMES:
-        assert f"parity float16 {scheme}: worst relative error" in text, text
+        assert f"parity tiny float16 {scheme}: worst relative error" in text, text
         assert f"tiny down [24x1024] {scheme:9s} default     split 2" in text, text
     assert "tiny down [24x1024] bf16 F.linear" in text and "BLOCK_N 128" in text and "unsplit" in text, text
