@@ -26,6 +26,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -145,6 +146,28 @@ def rss_mib(pid: int) -> float | None:
     return None
 
 
+class RssSampler:
+    """Samples a process's resident memory every ``every`` seconds in a daemon thread: [(s, MiB)]."""
+
+    def __init__(self, pid: int, every: float = 10.0):
+        self.pid, self.every, self.samples, self.t0 = pid, every, [], time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            mib = rss_mib(self.pid)
+            if mib is not None:
+                self.samples.append((round(time.perf_counter() - self.t0, 1), mib))
+            self._stop.wait(self.every)
+
+    def stop(self) -> list:
+        self._stop.set()
+        self._thread.join()
+        return self.samples
+
+
 def model_info(base: str) -> dict:
     return json.loads(get(base + "/v1/models"))["data"][0]
 
@@ -215,7 +238,8 @@ def write_results(out: Path, meta: dict, rows: list[dict]):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    series = {plan: r["series"] for plan, r in meta.get("rss_mib", {}).items() if r.get("series")}
+    fig, axes = plt.subplots(1, 3 if series else 2, figsize=(15 if series else 10, 4))
     for plan in dict.fromkeys(r["plan"] for r in rows):
         mine = [r for r in rows if r["plan"] == plan and r.get("kind") != "soak"]
         conc = [r["concurrency"] for r in mine]
@@ -224,6 +248,10 @@ def write_results(out: Path, meta: dict, rows: list[dict]):
     axes[0].set(xlabel="concurrency", ylabel="output tokens/s", title="throughput", xscale="log")
     axes[1].set(xlabel="concurrency", ylabel="requests running at once (peak)", title="served concurrently",
                 xscale="log")
+    for plan, samples in series.items():
+        axes[2].plot([t for t, _ in samples], [m for _, m in samples], label=plan)
+    if series:
+        axes[2].set(xlabel="seconds since warm-up", ylabel="server RSS (MiB)", title="server memory over the runs")
     for ax in axes:
         ax.legend()
         ax.grid(alpha=0.3)
@@ -280,6 +308,7 @@ def main(argv=None) -> int:
             print(f"{plan_name}: {slots} slots x {info['kv']['positions_per_slot']} positions", file=sys.stderr)
             asyncio.run(run_load(base, info["id"], info["vocab_size"], 2, 2, plens[:1], [4], args.seed))  # warm-up
             start_rss = rss_mib(server.proc.pid) if server else None
+            sampler = RssSampler(server.proc.pid) if server else None
             runs = [(c, None) for c in conc] + ([(max(conc), args.soak)] if args.soak else [])
             for c, duration in runs:
                 row = asyncio.run(run_load(base, info["id"], info["vocab_size"], args.requests, c, plens, olens,
@@ -288,7 +317,7 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr)
             if server:
-                rss[plan_name] = {"start": start_rss, "end": rss_mib(server.proc.pid)}
+                rss[plan_name] = {"start": start_rss, "end": rss_mib(server.proc.pid), "series": sampler.stop()}
                 print(f"{plan_name}: server RSS {rss[plan_name]['start']} -> {rss[plan_name]['end']} MiB", file=sys.stderr)
         finally:
             if server:
