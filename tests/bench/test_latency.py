@@ -118,3 +118,65 @@ def test_warm_up_prefill_has_the_real_length(monkeypatch, tmp_path):
     lengths.clear()
     latency.measure_paired({**spec, "plans": ["full", "attn66"], "logits_out": [str(tmp_path / "a"), str(tmp_path / "b")]})
     assert lengths == [12, 12, 12, 12]
+
+
+# ---- the llama.cpp peer rows -------------------------------------------------------------------------
+
+def _llama_args(*extra):
+    from bench import latency
+
+    return latency.parse_args(["--model", str(STORIES), "--impls", "ours,llama.cpp", "--plans", "full", "--contexts",
+                               "8", "--batches", "1", "--dtypes", "float32", *extra])
+
+
+def test_llama_cpp_rows_skipped_with_a_message_when_absent(monkeypatch, capsys):
+    from bench import latency, llama_cpp_peer
+
+    monkeypatch.setattr(llama_cpp_peer, "available", lambda: False)
+    specs = latency.specs_of(_llama_args("--gguf", "whatever.gguf"))
+    assert [s["impl"] for s in specs] == ["ours"]
+    assert "llama.cpp rows skipped: llama-cpp-python is not installed" in capsys.readouterr().err
+
+
+def test_llama_cpp_bad_gguf_fails_before_measuring(monkeypatch, tmp_path):
+    import pytest
+
+    from bench import latency, llama_cpp_peer
+    from model.errors import UserError
+
+    monkeypatch.setattr(llama_cpp_peer, "available", lambda: True)
+    with pytest.raises(UserError, match=r"missing\.gguf: no such file"):
+        latency.specs_of(_llama_args("--gguf", str(tmp_path / "missing.gguf")))
+    with pytest.raises(UserError, match=r"--impls llama.cpp with --model: name the model's GGUF file\(s\) with --gguf"):
+        latency.specs_of(_llama_args())
+
+
+def test_llama_cpp_row_runs_the_same_model(tmp_path):
+    """A float32 GGUF of a tiny random Llama: the llama.cpp row (its own subprocess) has every timing
+    field, and its first decode step's logits are ours within its float16 KV cache's rounding."""
+    import pytest
+
+    from bench import latency, llama_cpp_peer
+
+    if not llama_cpp_peer.available():
+        pytest.skip("llama-cpp-python not installed (built outside CI)")
+    import torch
+    from safetensors.torch import load_file
+
+    from model.gguf import import_gguf
+    from tests.model.test_gguf import write_tiny_gguf
+
+    path, _ = write_tiny_gguf(tmp_path / "tiny.gguf")
+    spec = {"impl": "llama.cpp", "plan": "full", "dtype": "float32", "batch": 1, "context": 8, "gguf": str(path),
+            "model": None, "shape": None, "device": "cpu", "steps": 3, "warmup": 1, "threads": 1,
+            "logits_out": str(tmp_path / "peer.safetensors")}
+    row = latency.run_worker(spec)
+    assert "error" not in row, row
+    assert (row["gguf"], row["weights"], row["context"]) == ("tiny.gguf", "F32", 8)
+    assert 0 < row["decode_p10_ms"] <= row["decode_ms"] <= row["decode_p90_ms"] and row["prefill_ms"] > 0
+    assert row["kv_MiB"] == 2 * 2 * 2 * 16 * 8 * 2 / 2**20  # 2 layers, 2 KV heads of 16, 8 positions, float16
+    ours = latency.measure({**spec, "impl": "ours-eager", "model": str(import_gguf(path, tmp_path / "ckpt", show_progress=False)),
+                            "logits_out": str(tmp_path / "ours.safetensors")})
+    a, b = (load_file(tmp_path / f"{n}.safetensors")["logits"].double() for n in ("ours", "peer"))
+    assert float((a - b).norm() / a.norm()) < 2e-3 and torch.equal(a.argmax(-1), b.argmax(-1))
+    assert ours["context"] == 8
