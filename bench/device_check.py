@@ -245,6 +245,7 @@ QUANT_SCHEMES = {"int8": ("int8", None), "q8_0": ("int8", 32), "int4-g32": ("int
 # only by summation order, i.e. in the odd output rounded to the neighbouring bf16/fp16 value.
 QUANT_TOL = 2e-3
 QUANT_DTYPES = (torch.bfloat16, torch.float16)
+QUANT_PREFILL = ("llama2-7b", 512)  # model and rows of the prefill timing
 
 
 def stage_quant_matmul(dev, quick):
@@ -252,8 +253,9 @@ def stage_quant_matmul(dev, quick):
     reference (dequantize, multiply in float32) in bf16 and fp16 at 1, 8 and 100 rows, then timed at
     1 row against bf16 ``F.linear`` of the same (dequantized) weights, each launch replayed from a CUDA
     graph as decode runs it, L2 flushed between runs (``triton.testing.do_bench``): GB/s of the bytes
-    each reads. Other tiles (64-row blocks unsplit, 32 and 128 rows per block) for int8 and int4-g64.
-    Lines are yielded as they are measured."""
+    each reads. Other tiles (64-row blocks unsplit, 32 and 128 rows per block) for int8 and int4-g64;
+    Llama-2-7B's prefill of 512 rows against bf16 F.linear and against dequantize + F.linear. Lines
+    are yielded as they are measured."""
     need_cuda(dev)
     import torch.nn.functional as F
 
@@ -316,6 +318,22 @@ def stage_quant_matmul(dev, quick):
                     yield (f"{model} {proj} [{N}x{K}] {scheme:9s} {name:11s} split {c['SPLIT_K']}: "
                            f"{t * 1e6:7.1f} us {q.nbytes / t / 1e9:6.0f} GB/s ({q.nbytes / 2**20:.1f} MiB, "
                            f"{100 * q.nbytes / t / peak:.0f}% of copy), {t_dense / t:.2f}x F.linear")
+    # Prefill: the tiled kernel over the quantized weights against bf16 F.linear and against expanding
+    # the weights first (dequantize, then F.linear), the alternative it was chosen over.
+    model, M = QUANT_PREFILL
+    for proj, (N, K) in QUANT_SHAPES[model].items() if not quick else ():
+        x = torch.randn(M, K, generator=gen, device=dev).to(torch.bfloat16)
+        dense = dequantize(weights[model, proj, "int8"], torch.bfloat16)
+        t_dense = graph_time(lambda: F.linear(x, dense))
+        del dense
+        line = f"{model} {proj} [{N}x{K}] prefill {M} rows: bf16 F.linear {t_dense * 1e6:.1f} us"
+        for scheme in ("int8", "int4-g64"):
+            q = weights[model, proj, scheme]
+            t = graph_time(lambda: quant_matmul_triton(x, q))
+            t_expand = graph_time(lambda: F.linear(x, dequantize(q, torch.bfloat16)))
+            line += (f"; {scheme} quant_matmul {t * 1e6:.1f} us ({2 * M * N * K / t / 1e12:.0f} TFLOP/s), "
+                     f"dequantize + F.linear {t_expand * 1e6:.1f} us")
+        yield line
     assert not bad, bad
 
 

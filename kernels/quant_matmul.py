@@ -161,6 +161,7 @@ def quant_matmul_triton(x: torch.Tensor, w: QuantWeight, config: dict | None = N
     N, K = w.shape
     assert x.shape[-1] == K, f"quant_matmul: x has {x.shape[-1]} inputs, the weight {K}"
     assert w.kind == "int8" or w.group_size % BLOCK == 0, "int4 groups are whole 32-input blocks"
+    assert w.data.device == x.device, f"quant_matmul: x on {x.device}, the weight on {w.data.device}"
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()

@@ -64,6 +64,7 @@ def test_quant_matmul_stage_runs_on_small_shapes(monkeypatch):
     monkeypatch.setattr("bench.latency.copy_bandwidth", lambda dev: 1e10)
     monkeypatch.setattr(device_check, "QUANT_SHAPES", {"tiny": {"down": (24, 1024)}})  # K split 2 ways
     monkeypatch.setattr(device_check, "QUANT_DTYPES", (torch.float16,))  # the interpreter's bf16 dot is wrong
+    monkeypatch.setattr(device_check, "QUANT_PREFILL", ("tiny", 20))
 
     def wall_time(fn):
         t0 = time.perf_counter()
@@ -77,3 +78,4 @@ def test_quant_matmul_stage_runs_on_small_shapes(monkeypatch):
         assert f"parity tiny float16 {scheme}: worst relative error" in text, text
         assert f"tiny down [24x1024] {scheme:9s} default     split 2" in text, text
     assert "tiny down [24x1024] bf16 F.linear" in text and "BLOCK_N 128" in text and "unsplit" in text, text
+    assert "tiny down [24x1024] prefill 20 rows: bf16 F.linear" in text and "int4-g64 quant_matmul" in text, text
