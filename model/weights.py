@@ -170,6 +170,12 @@ class CheckpointReader:
         return out
 
     # ---- stored-quantized weights -----------------------------------------------------------
+    @property
+    def quantized(self) -> list[str]:
+        """Names of the weights stored quantized (empty for a float checkpoint). Transformers cannot read
+        these: it would load such a checkpoint with random weights in their place (and only a warning)."""
+        return [n.removesuffix(".qdata") for n in self.files if n.endswith(".qdata")]
+
     def quant_type(self, name: str) -> str | None:
         """``'q8_0'``, ``'q4_0'`` or ``'q4_1'`` when weight ``name`` is stored quantized, None when it is
         stored as a float tensor or not at all. UserError for a half-described weight (parts without a

@@ -125,6 +125,6 @@ def test_q4_1_checkpoint_is_about_the_gguf_size(monkeypatch, tmp_path):
     size, gguf_size = (out / "model.safetensors").stat().st_size, dm._installed_gguf().stat().st_size
     assert 0.95 < size / gguf_size < 1.0  # blocks as stored in the GGUF, less its tokenizer; float32 would be 5.5x
     reader = CheckpointReader(out)
-    types = [reader.quant_type(n.removesuffix(".qdata")) for n in reader.files if n.endswith(".qdata")]
+    types = [reader.quant_type(n) for n in reader.quantized]
     assert types.count("q4_1") == 30 * 7 and types.count("q8_0") == 1  # the embedding (tied LM head) is Q8_0
     assert reader.quant_type("model.norm.weight") is None

@@ -95,6 +95,7 @@ TYPES = {Q: "q4_1", K_: "q4_0", "model.layers.0.mlp.up_proj.weight": "q8_0"}
 def test_quant_read_and_cat(tmp_path, quant_weights):
     r = CheckpointReader(_quant_checkpoint(tmp_path, quant_weights, TYPES))
     assert [r.quant_type(n) for n in TYPES] == list(TYPES.values()) and r.quant_type("model.norm.weight") is None
+    assert sorted(r.quantized) == sorted(TYPES) and CheckpointReader(STORIES).quantized == []
     up = r.read_quant("model.layers.0.mlp.up_proj.weight", (48, 96), "cpu")
     assert up.offset is None and up.group_size == 32 and torch.equal(up.data, quant_weights["model.layers.0.mlp.up_proj.weight"].data)
     qk = r.read_quant_cat([(Q, (64, 96)), (K_, (32, 96))], "cpu")  # q4_1 and q4_0: both int4 group 32
