@@ -3,9 +3,10 @@
 One Triton kernel serves decode (M = 1..16 rows: the rows padded to one 16-row ``tl.dot`` tile, one
 program per 64 output rows, split-K where a matrix has too few row blocks to fill the GPU) and prefill
 (M > 16: 64 x 128 tiles, no split). Each program streams its weight rows a chunk of ``BLOCK_K`` inputs
-at a time, each chunk inside one quantization group, and dequantizes it in registers in float32
-(int8: q * scale; int4: both nibbles of each 16-byte block, q * scale + offset), rounds it to x's
-dtype and multiplies on the tensor cores with float32 accumulation. The weights are never expanded in
+at a time (decode: 128), read as parts of ``PART_K`` inputs that each lie inside one quantization
+group, and dequantizes them in registers in float32 (int8: q * scale; int4: both nibbles of each
+16-byte block, q * scale + offset), rounds them to x's dtype and multiplies on the tensor cores with
+float32 accumulation (float32 x: exact dots on the FMA units). The weights are never expanded in
 memory, prefill included: its 64-row tiles amortise the dequantization over 64 rows.
 
 Numerics equal ``quant_matmul_reference`` up to float32 summation order: q * scale (+ offset) is
