@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from bench.flags import int_list
 from model.errors import UserError, cli_main
+from runtime.threads import check_threads
 
 MiB = 2**20
 IMPLS = ("ours", "ours-eager", "hf-eager", "hf-compile", "llama.cpp")
@@ -335,7 +336,8 @@ def parse_args(argv):
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per row")
     p.add_argument("--warmup", type=int, default=4, help="decode steps before timing")
-    p.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads on CPU, 1 to the cores this process may use (default: torch's)")
     p.add_argument("--paired", action="store_true",
                    help="measure our plans of a (dtype, batch, context) in one process, decode steps alternating between "
                         "plans (the fairest plan-vs-full comparison on a noisy machine); HF rows keep a process each")
@@ -438,6 +440,7 @@ def run_worker(spec) -> dict:
 @cli_main
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_threads(args.threads)
     if args.worker:
         spec = json.loads(args.worker)
         if spec["impl"] == "llama.cpp":

@@ -6,11 +6,17 @@
 """
 
 
-def load(model=None, plan=None, dtype="auto", device="auto", max_seq_len=None, show_progress=True, compile=True):
+from runtime.threads import passive_wait
+
+passive_wait()  # before torch loads OpenMP (runtime.threads)
+
+
+def load(model=None, plan=None, dtype="auto", device="auto", max_seq_len=None, show_progress=True, compile=True,
+         threads=None):
     """Build an ``Engine``; see ``runtime.engine.load``. (Imported lazily so ``python -m runtime.x`` is clean.)"""
     from runtime.engine import load as _load
 
-    return _load(model, plan, dtype, device, max_seq_len, show_progress, compile)
+    return _load(model, plan, dtype, device, max_seq_len, show_progress, compile, threads=threads)
 
 
 def __getattr__(name):

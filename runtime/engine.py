@@ -30,6 +30,7 @@ from runtime import fast_decode, generation, scoring
 from runtime.kv_cache import KVCache, check_fits
 from runtime.plan import Plan, load_plan
 from runtime.schedule import AttentionStep, Schedule, compile_plan, full_schedule, needed_tensors
+from runtime.threads import use_threads
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -107,16 +108,19 @@ def warn_if_degenerate(schedule: Schedule, out=None):
 
 
 def load(model=None, plan=None, dtype="auto", device="auto", max_seq_len=None, show_progress=True,
-         compile=True) -> "Engine":
+         compile=True, threads=None) -> "Engine":
     """Build an Engine for checkpoint directory or known model name ``model`` (None: the default model).
 
     plan: None (full), a preset name, a plan JSON path, a plan dict or a resolved Plan.
     max_seq_len: size of the static KV cache; None sizes it per call (prompt + new tokens).
     compile: run ``decode_step`` fast: the step compiled with inductor on CPU, a CUDA graph on GPU
     (``runtime.fast_decode``). False keeps it eager (torch references on CPU, plain Triton launches on GPU).
+    threads: torch threads for this process (default: torch's setting, at most the cores it may use,
+    ``os.sched_getaffinity``; ``runtime.threads``).
     """
     from model.default_model import resolve_model
 
+    use_threads(threads)
     checkpoint = resolve_model(model, show_progress=show_progress)
     config = load_config(checkpoint)
     carried = config.carried_plan  # Nemotron-NAS no-ops / LLM-Drop lists, or None
@@ -134,11 +138,12 @@ def load(model=None, plan=None, dtype="auto", device="auto", max_seq_len=None, s
 
 
 def load_shape(shape: str, plan=None, dtype="auto", device="auto", max_seq_len=None, compile=True,
-               seed: int = 0) -> "Engine":
+               seed: int = 0, threads=None) -> "Engine":
     """An Engine of a named shape (``model.shapes.SHAPES``) with random weights, for latency only
     (no tokenizer: it decodes token ids, it cannot generate text)."""
     from model.shapes import SHAPES, RandomWeights, shape_config
 
+    use_threads(threads)
     if shape not in SHAPES:
         raise UserError(f"--shape: expected one of {', '.join(SHAPES)}; got {shape!r}")
     config = shape_config(shape)
@@ -277,9 +282,7 @@ class Engine:
             if isinstance(step, AttentionStep):
                 kc, vc = cache.k[step.slot], cache.v[step.slot]
                 if length is not None:
-                    kc, vc = kc[:, :, :length], vc[:, :, :length]
-                    torch._dynamo.maybe_mark_dynamic(kc, 2)  # one compiled step for every length
-                    torch._dynamo.maybe_mark_dynamic(vc, 2)
+                    kc, vc = kc[:, :, :length], vc[:, :, :length]  # a dynamic dimension of the compiled step
                 x, pending = steps.attention(pending, x, w.norm, w.qkv, w.o, kc, vc, self.cos, self.sin, positions,
                                              index, kv_start, c.num_heads, c.num_kv_heads, eps, self.scale,
                                              prefill_start=prefill_start)

@@ -1,12 +1,18 @@
 """The decode step made fast: compiled with inductor on CPU, captured as a CUDA graph on GPU.
 
-Both take the step functions of ``runtime.step`` as they are; nothing here knows the model. ``CALLS``
-counts compiled-step calls, graph captures and replays (tests use it to prove which path ran).
+Both take the step functions of ``runtime.step`` as they are; nothing here knows the model. On CPU the
+compiled steps come from the on-disk compile cache (``runtime.compile_cache``). ``CALLS`` counts
+compiled-step calls, eager calls while a cache entry is cold, cache hits and builds, graph captures
+and replays (tests use it to prove which path ran).
 """
 
 import collections
 import functools
+import queue
+import sys
 import threading
+import time
+import weakref
 
 import torch
 
@@ -39,28 +45,221 @@ def _head(*args, **kwargs):
 _thread = threading.local()
 
 
+def _jit(name, fn, dynamic_cache=False):
+    """``fn`` compiled in this process with ``torch.compile`` (the fallback where the compile cache
+    cannot serve a call). A process may hold up to 64 variants per function (dynamo's default of 8 is
+    too few for a test session that loads many small models; dynamo's config is per thread, so each
+    thread that steps, e.g. the server's scheduler, raises its own limit)."""
+    run = None
+
+    def counted(*args, **kwargs):
+        nonlocal run
+        if run is None:  # torch.compile imports dynamo and inductor (seconds): only when needed
+            run = torch.compile(fn, fullgraph=True, dynamic=None)
+        CALLS[f"compiled {name}"] += 1
+        if dynamic_cache:  # the cut K/V caches: one compiled step for every length
+            torch._dynamo.maybe_mark_dynamic(args[5], 2)
+            torch._dynamo.maybe_mark_dynamic(args[6], 2)
+        if not getattr(_thread, "limit_raised", False):
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            _thread.limit_raised = True
+        return run(*args, **kwargs)
+
+    return counted
+
+
+# What a step missing from the compile cache does (``cold_start``): "wait" builds it now (the Python
+# API, servers, tests); "eager" runs the eager step and builds nothing (a short CLI job); "background"
+# runs the eager step while a thread builds it, then switches (a long CLI job).
+COLD_STARTS = ("wait", "eager", "background")
+cold_start = "wait"
+BUILD_SECONDS = collections.Counter()  # seconds spent building entries, per step name
+
+
+def _attention_over_cache(k_full, v_full, length, pending, x, norm, qkv, o, cos, sin, positions, index, kv_start,
+                          heads, kv_heads, eps, scale):
+    """The attention step over the whole caches [B, Hkv, S, D], cut to ``length.shape[0]`` positions
+    inside (the cut view's strides depend on S, which an exported step cannot take as an input)."""
+    L = length.shape[0]
+    torch._check(L <= k_full.shape[2])
+    return step.attention_step(pending, x, norm, qkv, o, k_full[:, :, :L], v_full[:, :, :L], cos, sin, positions,
+                               index, kv_start, heads, kv_heads, eps, scale, project=step.multiply_reduce)
+
+
+_markers = {}
+
+
+def _whole(c: torch.Tensor) -> torch.Tensor:
+    """The whole cache [B, Hkv, S, D] a cut view [B, Hkv, L, D] of a contiguous cache comes from."""
+    B, H, L, D = c.shape
+    s = c.stride()
+    S = s[1] // D if D else 0
+    if s[3] == 1 and s[2] == D and s[1] == S * D and s[0] == H * S * D and S >= L:
+        return c.as_strided((B, H, S, D), s)
+    return c  # not a cut of a contiguous cache: describe() refuses it and the step runs on the JIT path
+
+
+def _attention_args(args):
+    kc, vc = args[5], args[6]
+    L = kc.shape[2]
+    marker = _markers.get(L)
+    if marker is None:
+        marker = _markers[L] = torch.empty(L, 0)
+    return (_whole(kc), _whole(vc), marker) + args[:5] + args[7:]
+
+
+def _tensors(args) -> list:
+    """The tensor leaves of ``args`` in pytree order (arguments are tensors or tuples of them)."""
+    return [t for a in args for t in (a if isinstance(a, tuple) else (a,)) if isinstance(t, torch.Tensor)]
+
+
+class CachedStep:
+    """One step function served from the compile cache (``runtime.compile_cache``): each call structure
+    is looked up once per process (key from the flattened arguments), loaded or built, and later calls
+    of the same layer weight, input shape and thread count go straight to the loaded code.
+
+    ``exported(*adapt(args))`` is what is compiled; ``dynamic`` its dynamic dimensions; ``eager`` the
+    step as it is (the cold-start and fallback path) and ``jit`` the ``torch.compile`` fallback."""
+
+    def __init__(self, name, exported, dynamic, adapt, eager, jit):
+        self.name, self.exported, self.adapt, self.eager, self.jit = name, exported, adapt, eager, jit
+        # batch 1 has its own code (one-row projections are multiply-reduce loops); 2 rows and more share one
+        self.dynamic = {1: {p: {d: n for d, n in dims.items() if n != "B"} for p, dims in dynamic.items()},
+                        2: dynamic}
+        self._fast = {}  # (id(layer norm weight), x shape, x dtype, threads) -> (weakref, run(args))
+        self._entries = {}  # entry path -> run(args): one loaded package per process, shared by the layers
+        self._pending = {}  # fast key -> entry path being built in the background
+        self._lock = threading.Lock()
+
+    def __call__(self, *args, **kwargs):
+        if any(v is not None for v in kwargs.values()):  # prefill_start: not a decode step
+            return self.eager(*args, **kwargs)
+        x, anchor = args[1], args[2]
+        fk = (id(anchor), x.shape, x.dtype, torch.get_num_threads())
+        hit = self._fast.get(fk)
+        if hit is None or hit[0]() is not anchor:
+            hit = self._resolve(fk, args)
+        return hit[1](args)
+
+    def _aot(self, runner):
+        def run(args):
+            CALLS[f"compiled {self.name}"] += 1
+            return runner(_tensors(self.adapt(args)))
+        return run
+
+    def _eager(self, args):
+        CALLS[f"eager {self.name}"] += 1
+        return self.eager(*args)
+
+    def _resolve(self, fk, args):
+        from runtime import compile_cache
+
+        with self._lock:
+            xargs = self.adapt(args)
+            try:
+                dynamic = self.dynamic[min(args[1].shape[0], 2)]
+                key, tensors = compile_cache.describe(xargs, dynamic)
+                if [id(t) for t in tensors] != [id(t) for t in _tensors(xargs)]:
+                    raise ValueError("nested arguments")
+            except ValueError:
+                run = lambda a: self.jit(*a)  # noqa: E731
+            else:
+                path, full = compile_cache.entry_path(self.name, key)
+                run = self._entries.get(path)
+                runner = None if run is not None else compile_cache.load(path, full)
+                if run is not None:
+                    pass
+                elif runner is not None:
+                    CALLS["cache hit"] += 1
+                    run = self._entries[path] = self._aot(runner)
+                elif cold_start == "wait":
+                    run = self._entries[path] = self._build(path, full, xargs, dynamic)
+                else:
+                    CALLS["cold eager"] += 1
+                    run = self._eager
+                    if cold_start == "background":
+                        if path not in self._pending.values():
+                            _background(lambda: self._finish(path, full, xargs, dynamic))
+                        self._pending[fk] = path
+            entry = self._fast[fk] = (weakref.ref(args[2]), run)
+            return entry
+
+    def _build(self, path, full, xargs, dynamic):
+        from runtime import compile_cache
+
+        t0 = time.perf_counter()
+        try:
+            runner = compile_cache.build(path, full, self.exported, xargs, dynamic, _EXAMPLES)
+        except Exception as e:  # the cache must never fail a run: compile in-process instead
+            first = str(e).splitlines()[0] if str(e) else ""
+            print(f"compile cache: cannot build {self.name} ({type(e).__name__}: {first}); compiling it in this "
+                  f"process instead", file=sys.stderr, flush=True)
+            return lambda a: self.jit(*a)
+        BUILD_SECONDS[self.name] += time.perf_counter() - t0
+        CALLS["cache build"] += 1
+        return self._aot(runner)
+
+    def _finish(self, path, full, xargs, dynamic):
+        run = self._build(path, full, xargs, dynamic)
+        with self._lock:
+            self._entries[path] = run
+            for k, (ref, _) in list(self._fast.items()):  # every layer that ran eagerly for this entry
+                if self._pending.get(k) == path:
+                    self._fast[k] = (ref, run)
+                    del self._pending[k]
+
+
+_jobs = None
+
+
+def _background(job):
+    """Run ``job`` on the one background build thread (builds run one at a time, in order)."""
+    global _jobs
+    if _jobs is None:
+        _jobs = queue.Queue()
+
+        def work():
+            while True:
+                _jobs.get()()
+                _jobs.task_done()
+
+        threading.Thread(target=work, name="sublayer-compile", daemon=True).start()
+    _jobs.put(job)
+
+
+def background_builds_pending() -> bool:
+    return _jobs is not None and _jobs.unfinished_tasks > 0
+
+
 @functools.cache
 def compiled_steps() -> Steps:
-    """The step functions with the multiply-reduce projection, each compiled once per process: the
-    compiled code is shared by every layer, plan and engine of the same shapes (the cache length is a
-    dynamic dimension, so a new length does not recompile; a new model, batch size or dtype compiles a
-    variant). A process may hold up to 64 variants per function (dynamo's default of 8 is too few for
-    a test session that loads many small models; dynamo's config is per thread, so each thread that
-    steps, e.g. the server's scheduler, raises its own limit)."""
+    """The CPU decode step functions with the multiply-reduce projection, served from the compile cache
+    (``CachedStep``): the compiled code is shared by every layer, plan and engine of the same shapes
+    (the cache length is a dynamic dimension, so a new length does not recompile; a new model, batch
+    size or dtype is another entry)."""
+    same = lambda a: a  # noqa: E731
+    rows = {0: {0: "B"}, 1: {0: "B"}}  # pending, x
+    cache = {0: "B", 2: "S"}
+    attention = {0: cache, 1: cache, 2: {0: "L"}, 3: {0: "B"}, 4: {0: "B"}, 9: {0: "B"}, 10: {0: "B"}, 11: {0: "B"}}
+    return Steps(
+        CachedStep("attention", _attention_over_cache, attention, _attention_args, step.attention_step,
+                   _jit("attention", _attention, dynamic_cache=True)),
+        CachedStep("mlp", _mlp, rows, same, step.mlp_step, _jit("mlp", _mlp)),
+        CachedStep("head", _head, rows, same, step.head_step, _jit("head", _head)))
 
-    def compiled(name, fn):
-        run = torch.compile(fn, fullgraph=True, dynamic=None)
 
-        def counted(*args, **kwargs):
-            CALLS[f"compiled {name}"] += 1
-            if not getattr(_thread, "limit_raised", False):
-                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-                _thread.limit_raised = True
-            return run(*args, **kwargs)
+_EXAMPLES = {"B": 3, "S": 16, "L": 8}  # sizes of the dynamic dimensions while exporting
 
-        return counted
 
-    return Steps(compiled("attention", _attention), compiled("mlp", _mlp), compiled("head", _head))
+def warm(engine, batch: int = 1):
+    """Load or build (now) every compiled step ``engine`` decodes with at ``batch`` rows."""
+    global cold_start
+    saved, cold_start = cold_start, "wait"
+    try:
+        cache = engine.new_cache(batch, 4)
+        engine.decode_step(torch.zeros(batch, 1, dtype=torch.long), cache, torch.ones(batch, dtype=torch.long))
+    finally:
+        cold_start = saved
 
 
 class DecodeGraph:

@@ -8,6 +8,12 @@ import sys
 import time
 
 from model.errors import UserError, cli_main
+from runtime.threads import add_threads_arg, check_threads
+
+# A cold compile cache and fewer new tokens than this (times rows): decode eagerly, build nothing
+# (compiling the steps takes about a minute; eager SmolLM2 steps take 30-60 ms). More: decode eagerly
+# while a background thread builds the compiled steps, then switch to them.
+COLD_EAGER_TOKENS = 1024
 
 MiB = 1024 * 1024
 
@@ -30,6 +36,7 @@ def add_generation_args(p: argparse.ArgumentParser):
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    add_threads_arg(p)
 
 
 def check_args(args):
@@ -91,12 +98,15 @@ def main(argv=None) -> int:
                    help="decode on the eager step (CPU: no inductor compile; GPU: no CUDA graph)")
     args = p.parse_args(argv)
     check_args(args)
+    check_threads(args.threads)
     prompts = read_prompts(args)
     import runtime
+    from runtime import fast_decode
 
     t0 = time.perf_counter()
     engine = runtime.load(args.model, plan=args.plan, dtype=args.dtype, device=args.device,
-                          max_seq_len=args.max_seq_len, compile=not args.no_compile)
+                          max_seq_len=args.max_seq_len, compile=not args.no_compile,
+                          threads=args.threads)
     load_s = time.perf_counter() - t0
     ids = engine.encode_prompts(prompts, chat=args.chat)
     longest = max(len(i) for i in ids)
@@ -104,7 +114,8 @@ def main(argv=None) -> int:
                         f"a prompt of {longest} tokens plus {args.max_new_tokens} new tokens")
     seq_len = args.max_seq_len or longest + args.max_new_tokens
     report_engine(engine, seq_len)
-    print(f"load: {load_s:.2f} s ({engine.dtype}, {engine.device})", file=sys.stderr)
+    print(f"load: {load_s:.2f} s ({engine.dtype}, {engine.device}, {torch_threads()} threads)", file=sys.stderr)
+    fast_decode.cold_start = "eager" if args.max_new_tokens * len(ids) < COLD_EAGER_TOKENS else "background"
     stream = Streamer(engine.tokenizer, ids[0]) if len(ids) == 1 else None
     if stream is not None and not args.chat:
         sys.stdout.write(prompts[0])
@@ -116,20 +127,51 @@ def main(argv=None) -> int:
     else:
         for prompt, text in zip(prompts, g.texts):
             print(f"{prompt}{text}")
-    report_speed(engine, g, len(ids), longest)
+    report_speed(engine, g, len(ids), longest, args)
     return 0
 
 
-def report_speed(engine, g, rows: int, prompt_len: int, out=None):
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def compile_line(engine, g, args) -> str:
+    """The ``compile:`` line: what the first decode step did (or, with a cold compile cache on CPU,
+    what the run did instead of waiting for the compiler)."""
+    from runtime import fast_decode
+
+    calls = fast_decode.CALLS
+    if engine.decode_mode != "compiled":
+        what = {"graph": "captures the CUDA graph", "eager": "eager, nothing compiled"}[engine.decode_mode]
+        return f"compile: {g.first_step_s:.2f} s (the first decode step; it {what})"
+    if not calls["cold eager"]:
+        built = sum(fast_decode.BUILD_SECONDS.values())
+        if calls["cache build"]:
+            return f"compile: {g.first_step_s:.2f} s (the first decode step; it built {calls['cache build']} compiled " \
+                   f"step(s) into the compile cache in {built:.1f} s)"
+        return f"compile: {g.first_step_s:.2f} s (the first decode step; it loaded the compiled steps from the compile cache)"
+    warm = f"python -m runtime.compile_cache --model {args.model or 'smollm2-135m-instruct'} --dtype {args.dtype}"
+    if fast_decode.cold_start == "eager":
+        return (f"compile: none (compile cache cold; {args.max_new_tokens} new tokens decode eagerly sooner than the steps "
+                f"compile; warm it once with: {warm})")
+    done = sum(fast_decode.BUILD_SECONDS.values())
+    if fast_decode.background_builds_pending():
+        return (f"compile: still running in the background when decoding ended (compile cache cold; every step ran "
+                f"eagerly, and the unfinished build is dropped; warm it once with: {warm})")
+    return (f"compile: {done:.1f} s in a background thread (compile cache cold; {calls['eager head']} steps ran eagerly "
+            f"meanwhile; cached for the next run)")
+
+
+def report_speed(engine, g, rows: int, prompt_len: int, args=None, out=None):
     """Labelled lines: prompt (prefill + first token), the first decode step (it compiles the step or
     captures the graph) on its own line, and decode as the steady-state step with achieved GB/s."""
     out = out or sys.stderr  # resolved per call: sys.stderr may be replaced after import
     print(f"prompt: {g.prompt_tokens} tokens in {g.prefill_s * 1e3:.1f} ms "
           f"({g.prompt_tokens / max(g.prefill_s, 1e-9):.1f} tokens/s, incl. first token)", file=out)
     if g.first_step_s:
-        what = {"compiled": "compiles the step with inductor", "graph": "captures the CUDA graph",
-                "eager": "eager, nothing compiled"}[engine.decode_mode]
-        print(f"compile: {g.first_step_s:.2f} s (the first decode step; it {what})", file=out)
+        print(compile_line(engine, g, args), file=out)
     if g.decode_steps:
         s = g.decode_s / g.decode_steps
         context = prompt_len + 1 + g.decode_steps // 2  # cached positions at the middle step

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from model.errors import UserError, cli_main
 from model.sizes import parse_size
 from runtime.scheduler import QueueFull, SamplingParams, Scheduler, Sequence, pool_slots
+from runtime.threads import add_threads_arg
 
 MAX_SEED = 2**63 - 1
 
@@ -453,6 +454,7 @@ def parse_args(argv=None):
     p.add_argument("--chat-template", default=None, help="a Jinja chat template file for models without one")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--no-compile", action="store_true", help="run the decode step eagerly")
+    add_threads_arg(p)
     return p.parse_args(argv)
 
 
@@ -472,7 +474,7 @@ def load_engine(args):
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"--chat-template: {args.chat_template} is not readable text ({e})") from None
     engine = runtime.load(args.model, args.plan, args.dtype, args.device, args.max_seq_len,
-                          compile=not args.no_compile)
+                          compile=not args.no_compile, threads=args.threads)
     if engine.tokenizer is None:
         raise UserError("--model: serving needs a checkpoint with a tokenizer")
     if template is not None:

@@ -12,7 +12,8 @@ model_args: ``pretrained`` (checkpoint directory or ``smollm2-135m-instruct``; d
 ``plan`` (preset name, plan JSON path; default ``full``), ``dtype`` (auto/float32/bfloat16/float16),
 ``device`` (auto/cpu/cuda[:N]), ``batch_size`` (rows per forward), ``max_length`` (context length;
 default the model's ``max_position_embeddings``, as lm-eval's HFLM), ``max_gen_toks`` (default 256),
-``add_bos_token`` (as HFLM's).
+``add_bos_token`` (as HFLM's), ``threads`` (torch threads, 1 to the cores this process may use;
+default torch's).
 
 Everything is computed by ``runtime.Engine``; tokenisation mirrors lm-eval's ``HFLM`` exactly (the
 same ``_encode_pair``, BOS handling, left truncation to ``max_length + 1`` tokens, rolling windows
@@ -74,7 +75,7 @@ def _parse_positive_int(name, value, allow_none=True):
 
 
 _MODEL_ARGS = ("pretrained", "plan", "dtype", "device", "batch_size", "max_length", "max_gen_toks",
-               "add_bos_token", "compile")
+               "add_bos_token", "compile", "threads")
 
 
 @register_model("sublayer")
@@ -85,7 +86,7 @@ class SublayerLM(TemplateLM):
 
     def __init__(self, pretrained=None, plan=None, dtype="auto", device="auto", batch_size=1,
                  max_length=None, max_gen_toks=_DEFAULT_MAX_GEN_TOKS, add_bos_token=None, engine=None,
-                 compile=True, **kwargs):
+                 compile=True, threads=None, **kwargs):
         super().__init__()
         ignored = {k: v for k, v in kwargs.items() if k in ("max_batch_size",)}
         unknown = sorted(set(kwargs) - set(ignored))
@@ -106,7 +107,8 @@ class SublayerLM(TemplateLM):
             name = DEFAULT_MODEL
             engine = runtime.load(None if pretrained in (None, "") else str(pretrained), plan=plan,
                                   dtype=str(dtype), device=str(device),
-                                  compile=_parse_bool("compile", compile) is not False)
+                                  compile=_parse_bool("compile", compile) is not False,
+                                  threads=_parse_positive_int("threads", threads))
         self.engine = engine
         self.tokenizer = engine.tokenizer  # ours, not a transformers tokenizer
         self._device = engine.device
