@@ -68,11 +68,14 @@ def _jit(name, fn, dynamic_cache=False):
     return counted
 
 
-# What a step missing from the compile cache does (``cold_start``): "wait" builds it now (the Python
-# API, servers, tests); "eager" runs the eager step and builds nothing (a short CLI job); "background"
-# runs the eager step while a thread builds it, then switches (a long CLI job).
-COLD_STARTS = ("wait", "eager", "background")
-cold_start = "wait"
+# What a step missing from the compile cache does (``cold_start``): "jit" compiles it in this process
+# with torch.compile and stores nothing (the Python API's default: a test session meets dozens of tiny
+# model shapes, each as fast to compile in-process as it is slow to build ahead of time); "build"
+# builds the entry now and uses it (``python -m runtime.compile_cache``); "eager" runs the eager step
+# and builds nothing (a short CLI job); "background" runs the eager step while a thread builds the
+# entry, then switches to it (a long CLI job).
+COLD_STARTS = ("jit", "build", "eager", "background")
+cold_start = "jit"
 BUILD_SECONDS = collections.Counter()  # seconds spent building entries, per step name
 
 
@@ -172,8 +175,11 @@ class CachedStep:
                 elif runner is not None:
                     CALLS["cache hit"] += 1
                     run = self._entries[path] = self._aot(runner)
-                elif cold_start == "wait":
+                elif cold_start == "build":
                     run = self._entries[path] = self._build(path, full, xargs, dynamic)
+                elif cold_start == "jit":
+                    CALLS["cold jit"] += 1
+                    run = lambda a: self.jit(*a)  # noqa: E731
                 else:
                     CALLS["cold eager"] += 1
                     run = self._eager
@@ -254,7 +260,7 @@ _EXAMPLES = {"B": 3, "S": 16, "L": 8}  # sizes of the dynamic dimensions while e
 def warm(engine, batch: int = 1):
     """Load or build (now) every compiled step ``engine`` decodes with at ``batch`` rows."""
     global cold_start
-    saved, cold_start = cold_start, "wait"
+    saved, cold_start = cold_start, "build"
     try:
         cache = engine.new_cache(batch, 4)
         engine.decode_step(torch.zeros(batch, 1, dtype=torch.long), cache, torch.ones(batch, dtype=torch.long))

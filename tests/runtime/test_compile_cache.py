@@ -66,8 +66,32 @@ def test_entries_are_reused_by_later_loads_and_processes(stories_entries):
     assert engine.decode_mode == "compiled"
 
 
-def test_batch_sizes_from_two_up_share_one_entry(stories_entries):
+@pytest.mark.parametrize("rows", [1, 3])
+def test_cached_steps_match_the_eager_step(stories_entries, monkeypatch, rows):
+    """Decode logits through the cached steps against the eager step (itself within 1e-4 of Hugging
+    Face, tests/runtime/test_engine.py), rows at different cache positions."""
+    monkeypatch.setattr(fast_decode, "cold_start", "build")
+    cached = stories_entries
+    eager = runtime.load(str(STORIES), dtype="float32", device="cpu", compile=False)
+    torch.manual_seed(0)
+    tokens = torch.randint(3, 500, (rows, 12))
+    index0 = torch.arange(rows) * 2 + 3  # row r decodes from cache index 3 + 2r
+    kv_start = torch.zeros(rows, dtype=torch.int32)
+    logits = []
+    for e in (cached, eager):
+        cache = e.new_cache(rows, 32)
+        before = counts()
+        out = [e.decode_step(tokens[:, i:i + 1], cache, index0 + i, kv_start) for i in range(tokens.shape[1])]
+        logits.append(torch.stack(out))
+        if e is cached:
+            assert delta(before, "compiled head") == tokens.shape[1] and delta(before, "eager head") == 0
+    err = ((logits[0] - logits[1]).abs().amax() / logits[1].abs().amax()).item()
+    assert err < 1e-5
+
+
+def test_batch_sizes_from_two_up_share_one_entry(stories_entries, monkeypatch):
     engine = stories_entries
+    monkeypatch.setattr(fast_decode, "cold_start", "build")
     engine.generate(["Once upon a time", "The dog"], max_new_tokens=3)  # builds or loads the B >= 2 entries
     before = counts()
     engine.generate(["Once upon a time", "The dog", "A cat sat"], max_new_tokens=3)
@@ -121,6 +145,7 @@ def test_a_damaged_entry_is_noticed_and_never_crashes_the_run(stories_entries, t
 @pytest.mark.slow
 def test_a_truncated_entry_is_rebuilt(stories_entries, tmp_path, monkeypatch, capsys):
     engine, head = corrupt_copy(tmp_path, monkeypatch, "truncated")
+    monkeypatch.setattr(fast_decode, "cold_start", "build")
     fast_decode.compiled_steps.cache_clear()
     try:
         before = counts()
