@@ -12,6 +12,7 @@ groups of 32/64/128 with scale and offset) runs on the same kernels.
   layout is what lets a compiled CPU loop vectorise the unpacking); w = nibble * scale + offset.
 """
 
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -41,6 +42,20 @@ class QuantWeight(NamedTuple):
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self if isinstance(t, torch.Tensor))
+
+
+def quant_nbytes(kind: str, group_size: int, shape: tuple[int, int]) -> int:
+    """Bytes of a QuantWeight of float shape [N, K] (data, float16 scales, and offsets for int4)."""
+    N, K = shape
+    groups = N * (K // group_size)
+    return N * K + 2 * groups if kind == "int8" else N * K // 2 + 4 * groups
+
+
+def take_rows(w: QuantWeight, index: torch.Tensor) -> QuantWeight:
+    """Rows ``index`` (any shape of int64) of ``w`` as a QuantWeight of [index.numel(), K] (an embedding
+    lookup: ``dequantize(take_rows(w, ids))`` is the float table's rows, without expanding the table)."""
+    i = index.reshape(-1)
+    return QuantWeight(w.data[i], w.scale[i], None if w.offset is None else w.offset[i], w.group_size)
 
 
 def unpack_int4(data: torch.Tensor) -> torch.Tensor:
@@ -98,3 +113,88 @@ def quantize(w: torch.Tensor, kind: str, group_size: int | None = None, what: st
     s = scale.float().clamp_min(torch.finfo(torch.float16).tiny)[..., None]
     q = ((g - offset.float()[..., None]) / s).round().clamp(0, 15).to(torch.uint8).view(N, K)
     return QuantWeight(pack_int4(q), scale, offset, group_size)
+
+
+# The projections a load-time scheme quantizes (fused q/k/v, o, fused gate/up, down) and, with ``head``,
+# the embedding table and LM head: checkpoint tensor names ending so.
+PROJECTION_SUFFIX = "_proj.weight"
+HEAD_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+@dataclass(frozen=True, eq=False)
+class QuantScheme:
+    """How a loaded model's weights are stored: ``kind`` int8/int4 quantized at load time (None: not
+    at load) in groups of ``group_size`` inputs (int8 None: one group per output row), the embedding
+    and LM head too with ``head``; ``stored``: weight name -> (kind, group size, GGUF type) of the
+    weights a checkpoint already stores quantized (``model.weights``), run as they are."""
+    kind: str | None = None
+    group_size: int | None = None
+    head: bool = False
+    stored: dict = field(default_factory=dict)
+
+    def layout(self, name: str, shape: tuple[int, ...]) -> tuple[str, int] | None:
+        """(kind, group size) of weight ``name`` of float shape ``shape``, or None if it stays float."""
+        if name in self.stored:
+            return self.stored[name][:2]
+        if self.kind is None or len(shape) != 2 or not (name.endswith(PROJECTION_SUFFIX) or
+                                                         (self.head and name in HEAD_NAMES)):
+            return None
+        return self.kind, self.group_size or shape[1]
+
+    def nbytes(self, name: str, shape: tuple[int, ...], elem: int) -> int:
+        """Bytes weight ``name`` takes: quantized, or ``elem`` bytes per element if it stays float."""
+        layout = self.layout(name, shape)
+        if layout is None:
+            n = 1
+            for d in shape:
+                n *= d
+            return n * elem
+        return quant_nbytes(layout[0], layout[1], shape)
+
+    def describe(self) -> str:
+        """One line, e.g. ``int4, groups of 64 inputs (float16 scale + offset); embedding and LM head in
+        the compute dtype``."""
+        if self.stored:
+            counts = {}
+            for _, _, t in self.stored.values():
+                counts[t] = counts.get(t, 0) + 1
+            return "stored blocks as in the checkpoint: " + ", ".join(f"{n} weights {t}" for t, n in counts.items())
+        if self.kind == "int8":
+            what = "int8, symmetric, " + (f"groups of {self.group_size} inputs" if self.group_size
+                                          else "one float16 scale per output channel")
+        else:
+            what = f"int4, groups of {self.group_size} inputs (float16 scale + offset)"
+        return what + ("; embedding and LM head quantized too" if self.head
+                       else "; embedding and LM head in the compute dtype")
+
+
+def resolve_scheme(quant, group_size=None, quant_head=False) -> QuantScheme | None:
+    """The scheme for ``runtime.load``'s ``quant`` (None, "none", "int8", "int4"), ``group_size`` (int4:
+    default 64; int8: default one group per output channel) and ``quant_head``; UserError naming the
+    flag for anything else. None when nothing is quantized."""
+    if quant in (None, "none"):
+        if group_size is not None:
+            raise UserError(f"--group-size: only with --quant int8 or int4; got --group-size {group_size!r} without --quant")
+        if quant_head:
+            raise UserError("--quant-head: only with --quant int8 or int4 (it quantizes the embedding and LM head too)")
+        return None
+    if quant not in KINDS:
+        raise UserError(f"--quant: expected none, {' or '.join(KINDS)}; got {quant!r}")
+    if not isinstance(quant_head, bool):
+        raise UserError(f"--quant-head: expected true or false, got {quant_head!r}")
+    if group_size is None and quant == "int4":
+        group_size = 64
+    if group_size is not None:
+        check_group_size(quant, group_size, group_size, "--group-size")
+    return QuantScheme(quant, group_size, quant_head)
+
+
+def parse_label(label: str, flag: str = "--quants") -> tuple[str | None, int | None]:
+    """A scheme label as benchmarks list them -> ``runtime.load``'s (quant, group_size): ``none``,
+    ``int8`` (per output channel), ``int4`` (groups of 64), or ``KIND-gN`` (groups of N), e.g. ``int4-g32``."""
+    kind, _, group = label.partition("-g")
+    if kind == "none" and not group:
+        return None, None
+    if kind not in KINDS or (group and not group.isdigit()) or label.endswith("-g"):
+        raise UserError(f"{flag}: expected entries none, int8, int4 or KIND-gN (e.g. int4-g32); got {label!r}")
+    return kind, int(group) if group else None

@@ -12,11 +12,12 @@ passive_wait()  # before torch loads OpenMP (runtime.threads)
 
 
 def load(model=None, plan=None, dtype="auto", device="auto", max_seq_len=None, show_progress=True, compile=True,
-         threads=None):
+         quant=None, group_size=None, quant_head=False, threads=None):
     """Build an ``Engine``; see ``runtime.engine.load``. (Imported lazily so ``python -m runtime.x`` is clean.)"""
     from runtime.engine import load as _load
 
-    return _load(model, plan, dtype, device, max_seq_len, show_progress, compile, threads=threads)
+    return _load(model, plan, dtype, device, max_seq_len, show_progress, compile, quant=quant, group_size=group_size,
+                 quant_head=quant_head, threads=threads)
 
 
 def __getattr__(name):

@@ -18,35 +18,36 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 import kernels
 from kernels.dispatch import use_triton
 from model.config import LlamaConfig, load_config
 from model.errors import UserError
+from model.quant import QuantScheme, QuantWeight, check_group_size, quantize, resolve_scheme
 from model.tokenizer import Tokenizer
 from model.weights import CheckpointReader
 from runtime import fast_decode, generation, scoring
 from runtime.kv_cache import KVCache, check_fits
 from runtime.plan import Plan, load_plan
 from runtime.schedule import AttentionStep, Schedule, compile_plan, full_schedule, needed_tensors
+from runtime.step import embedding
 from runtime.threads import use_threads
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
-class AttentionWeights:
+class AttentionWeights:  # projections: float tensors or QuantWeights of these shapes
     norm: torch.Tensor  # [H]
-    qkv: torch.Tensor   # [(Hq + 2 Hkv) D, H], q/k/v fused at load time
-    o: torch.Tensor     # [H, Hq D]
+    qkv: torch.Tensor | QuantWeight  # [(Hq + 2 Hkv) D, H], q/k/v fused at load time
+    o: torch.Tensor | QuantWeight    # [H, Hq D]
 
 
 @dataclass
 class MlpWeights:
     norm: torch.Tensor     # [H]
-    gate_up: torch.Tensor  # [2 I, H], gate/up fused at load time
-    down: torch.Tensor     # [H, I]
+    gate_up: torch.Tensor | QuantWeight  # [2 I, H], gate/up fused at load time
+    down: torch.Tensor | QuantWeight     # [H, I]
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -108,19 +109,26 @@ def warn_if_degenerate(schedule: Schedule, out=None):
 
 
 def load(model=None, plan=None, dtype="auto", device="auto", max_seq_len=None, show_progress=True,
-         compile=True, threads=None) -> "Engine":
+         compile=True, quant=None, group_size=None, quant_head=False, threads=None) -> "Engine":
     """Build an Engine for checkpoint directory or known model name ``model`` (None: the default model).
 
     plan: None (full), a preset name, a plan JSON path, a plan dict or a resolved Plan.
     max_seq_len: size of the static KV cache; None sizes it per call (prompt + new tokens).
     compile: run ``decode_step`` fast: the step compiled with inductor on CPU, a CUDA graph on GPU
     (``runtime.fast_decode``). False keeps it eager (torch references on CPU, plain Triton launches on GPU).
+    quant: None, "int8" (symmetric, one scale per output channel, or per ``group_size`` inputs) or "int4"
+    (``group_size`` inputs per scale and offset, default 64): every kept projection is quantized at load
+    time (``model.quant``), one tensor at a time, after the plan removed what it drops; the embedding
+    and LM head stay in the compute dtype unless ``quant_head`` (tied: one quantized table, the
+    embedding lookup dequantizes the rows it reads). A checkpoint that stores quantized weights (GGUF
+    blocks kept) runs them as they are, and ``quant`` is an error for it.
     threads: torch threads for this process (default: torch's setting, at most the cores it may use,
     ``os.sched_getaffinity``; ``runtime.threads``).
     """
     from model.default_model import resolve_model
 
     use_threads(threads)
+    scheme = resolve_scheme(quant, group_size, quant_head)  # bad flags fail before anything is read
     checkpoint = resolve_model(model, show_progress=show_progress)
     config = load_config(checkpoint)
     carried = config.carried_plan  # Nemotron-NAS no-ops / LLM-Drop lists, or None
@@ -134,16 +142,17 @@ def load(model=None, plan=None, dtype="auto", device="auto", max_seq_len=None, s
     dt = resolve_dtype(dtype, dev)
     _check_max_seq_len(max_seq_len, config)
     warn_if_degenerate(schedule)
-    return Engine(checkpoint, schedule, dt, dev, max_seq_len, compile)
+    return Engine(checkpoint, schedule, dt, dev, max_seq_len, compile, quant=scheme)
 
 
 def load_shape(shape: str, plan=None, dtype="auto", device="auto", max_seq_len=None, compile=True,
-               seed: int = 0, threads=None) -> "Engine":
+               seed: int = 0, quant=None, group_size=None, quant_head=False, threads=None) -> "Engine":
     """An Engine of a named shape (``model.shapes.SHAPES``) with random weights, for latency only
     (no tokenizer: it decodes token ids, it cannot generate text)."""
     from model.shapes import SHAPES, RandomWeights, shape_config
 
     use_threads(threads)
+    scheme = resolve_scheme(quant, group_size, quant_head)
     if shape not in SHAPES:
         raise UserError(f"--shape: expected one of {', '.join(SHAPES)}; got {shape!r}")
     config = shape_config(shape)
@@ -151,13 +160,15 @@ def load_shape(shape: str, plan=None, dtype="auto", device="auto", max_seq_len=N
     _check_max_seq_len(max_seq_len, config)
     schedule = compile_plan(load_plan(plan, config.num_layers), config)
     warn_if_degenerate(schedule)
-    return Engine(None, schedule, resolve_dtype(dtype, dev), dev, max_seq_len, compile, reader=RandomWeights(seed))
+    return Engine(None, schedule, resolve_dtype(dtype, dev), dev, max_seq_len, compile, reader=RandomWeights(seed),
+                  quant=scheme)
 
 
 class Engine:
     def __init__(self, checkpoint_dir, schedule: Schedule, dtype: torch.dtype, device: torch.device,
-                 max_seq_len: int | None = None, compile: bool = True, reader=None):
+                 max_seq_len: int | None = None, compile: bool = True, reader=None, quant: QuantScheme | None = None):
         self.checkpoint_dir, self.schedule, self.config = checkpoint_dir, schedule, schedule.config
+        self.quant = quant  # QuantScheme or None (all float); a checkpoint's stored blocks are added at load
         self.dtype, self.device, self.max_seq_len = dtype, device, max_seq_len
         # decode_step: "compiled" (CPU inductor), "graph" (CUDA graph over the engine's own cache) or
         # "eager". The Triton-on-CPU test path (SUBLAYER_TRITON=1) must reach the kernels: eager.
@@ -180,12 +191,25 @@ class Engine:
     # ---- weights -------------------------------------------------------------------------
     def _load_weights(self, rd):
         shapes = needed_tensors(self.schedule.steps, self.config)
-
-        def read(name):
-            return rd.read(name, shapes[name], self.dtype, self.device)
+        q = self._resolve_stored(rd)
 
         def read_cat(*names):
-            return rd.read_cat([(n, shapes[n]) for n in names], self.dtype, self.device)
+            """Tensors ``names`` fused along rows: stored quantized -> as they are; quantized by the
+            scheme -> read in float32 and quantized, one fused tensor at a time; else the compute dtype."""
+            parts = [(n, shapes[n]) for n in names]
+            if q is not None and names[0] in q.stored:
+                return rd.read_quant_cat(parts, self.device)
+            if q is not None and q.layout(names[0], shapes[names[0]]) is not None:
+                w = quantize(rd.read_cat(parts, torch.float32, "cpu"), q.kind, q.group_size, what=names[0])
+                return QuantWeight(*(t.to(self.device) if isinstance(t, torch.Tensor) else t for t in w))
+            return rd.read_cat(parts, self.dtype, self.device)
+
+        read = read_cat
+        if q is not None and q.kind is not None:  # every group size checked before anything is read
+            for name, shape in shapes.items():
+                layout = q.layout(name, shape)
+                if layout is not None:
+                    check_group_size(q.kind, layout[1], shape[1], f"{name} (shape {list(shape)})")
 
         self.embed = read("model.embed_tokens.weight")
         self.final_norm = read("model.norm.weight")
@@ -203,6 +227,26 @@ class Engine:
                                               read(p + "mlp.down_proj.weight")))
         self.names_read = rd.names_read
         rd.close()  # drop the memory maps: everything needed is copied into owned tensors
+
+    def _resolve_stored(self, rd) -> QuantScheme | None:
+        """The engine's scheme with the weights ``rd``'s checkpoint stores quantized (GGUF blocks kept;
+        every weight of the full model is looked up, for the byte counts). UserError if load-time
+        quantization is asked for such a checkpoint."""
+        quant_type = getattr(rd, "quant_type", None)  # model.shapes.RandomWeights stores nothing quantized
+        if quant_type is None:
+            return self.quant
+        names = needed_tensors(full_schedule(self.config).steps, self.config)
+        types = {n: t for n in names if (t := quant_type(n)) is not None}
+        if not types:
+            return self.quant
+        from model.weights import QUANT_TYPES
+
+        if self.quant is not None:
+            listed = ", ".join(sorted(set(types.values())))
+            raise UserError(f"--quant: {self.checkpoint_dir} is already quantized ({len(types)} weights stored as "
+                            f"{listed} blocks); --quant and --quant-head apply to float checkpoints only")
+        self.quant = QuantScheme(stored={n: (*QUANT_TYPES[t], t) for n, t in types.items()})
+        return self.quant
 
     def with_plan(self, plan) -> "Engine":
         """An Engine for ``plan`` sharing this engine's weight tensors (nothing copied or re-read), so
@@ -233,13 +277,13 @@ class Engine:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of weights this plan loads (at the engine's dtype)."""
-        return self.schedule.weight_bytes(self.elem_size)
+        """Bytes of weights this plan loads (at the engine's dtype; quantized weights as stored)."""
+        return self.schedule.weight_bytes(self.elem_size, self.quant)
 
     @property
     def full_weight_bytes(self) -> int:
-        """Bytes the same model would load with nothing dropped."""
-        return full_schedule(self.config).weight_bytes(self.elem_size)
+        """Bytes the same model would load with nothing dropped (same quantization)."""
+        return full_schedule(self.config).weight_bytes(self.elem_size, self.quant)
 
     def kv_bytes(self, seq_len: int | None = None, batch: int = 1, full: bool = False) -> int:
         """KV-cache bytes for ``batch`` rows of ``seq_len`` positions (default: max_seq_len)."""
@@ -249,7 +293,7 @@ class Engine:
 
     def step_bytes(self, context: int, batch: int = 1) -> int:
         """Bytes one decode step reads with ``context`` cached positions per row (``Schedule.step_bytes``)."""
-        return self.schedule.step_bytes(self.elem_size, context, batch)
+        return self.schedule.step_bytes(self.elem_size, context, batch, self.quant)
 
     # ---- the KV cache --------------------------------------------------------------------------
     def new_cache(self, batch: int, seq_len: int) -> KVCache:
@@ -276,7 +320,7 @@ class Engine:
         length: cut each cache slot to this many positions (the batch's longest used length)."""
         c = self.config
         eps = c.rms_norm_eps
-        x = F.embedding(tokens, self.embed)
+        x = embedding(tokens, self.embed, self.dtype)
         pending = None if prefill_start is not None else torch.zeros_like(x)  # x + 0: one compiled form
         for step, w in zip(self.schedule.steps, self.layers):
             if isinstance(step, AttentionStep):

@@ -37,6 +37,18 @@ def add_generation_args(p: argparse.ArgumentParser):
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     add_threads_arg(p)
+    add_quant_args(p)
+
+
+def add_quant_args(p: argparse.ArgumentParser):
+    """--quant, --group-size, --quant-head (``runtime.load``'s quant, group_size, quant_head)."""
+    p.add_argument("--quant", default=None,
+                   help="quantize the kept projections at load time: none, int8 (one scale per output channel) "
+                        "or int4 (groups of --group-size inputs)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="inputs per quantization group (int4: a multiple of 32, default 64; int8: default one "
+                        "group per output channel)")
+    p.add_argument("--quant-head", action="store_true", help="quantize the embedding and LM head too")
 
 
 def check_args(args):
@@ -64,7 +76,8 @@ def report_engine(engine, seq_len: int, out=None):
     """Labelled lines: the resolved plan, weight bytes and KV-cache bytes vs the full model."""
     out = out or sys.stderr  # resolved per call: sys.stderr may be replaced after import
     print(f"plan: {engine.plan.describe()}", file=out)
-    print(f"weights: {engine.weight_bytes / MiB:.1f} MiB (full {engine.full_weight_bytes / MiB:.1f} MiB)", file=out)
+    quant = f"; {engine.quant.describe()}" if engine.quant is not None else ""
+    print(f"weights: {engine.weight_bytes / MiB:.1f} MiB (full {engine.full_weight_bytes / MiB:.1f} MiB{quant})", file=out)
     print(f"KV cache: {engine.kv_bytes(seq_len) / MiB:.1f} MiB for {seq_len} positions "
           f"(full {engine.kv_bytes(seq_len, full=True) / MiB:.1f} MiB)", file=out)
 
@@ -105,8 +118,8 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     engine = runtime.load(args.model, plan=args.plan, dtype=args.dtype, device=args.device,
-                          max_seq_len=args.max_seq_len, compile=not args.no_compile,
-                          threads=args.threads)
+                          max_seq_len=args.max_seq_len, compile=not args.no_compile, quant=args.quant,
+                          group_size=args.group_size, quant_head=args.quant_head, threads=args.threads)
     load_s = time.perf_counter() - t0
     ids = engine.encode_prompts(prompts, chat=args.chat)
     longest = max(len(i) for i in ids)

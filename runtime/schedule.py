@@ -2,13 +2,15 @@
 
 A dropped attention sublayer has no step, no weights (its input norm included) and no KV slot;
 a dropped MLP has no step and no weights (its post-attention norm included). The schedule is the one
-place that counts bytes: the weights a plan loads and what one decode step reads.
+place that counts bytes: the weights a plan loads and what one decode step reads, float or quantized
+(a ``model.quant.QuantScheme`` says which weights are stored how).
 """
 
 from dataclasses import dataclass
 from math import prod
 
 from model.config import LlamaConfig
+from model.quant import QuantScheme
 from runtime.plan import Plan, load_plan
 
 
@@ -30,22 +32,29 @@ class Schedule:
     plan: Plan
     config: LlamaConfig
 
-    def weight_bytes(self, elem: int) -> int:
-        """Bytes of the weights this schedule loads, ``elem`` bytes per element."""
-        return sum(prod(s) for s in needed_tensors(self.steps, self.config).values()) * elem
+    def weight_bytes(self, elem: int, quant: QuantScheme | None = None) -> int:
+        """Bytes of the weights this schedule loads, ``elem`` bytes per float element; the weights
+        ``quant`` quantizes count their quantized bytes (data, scales, offsets)."""
+        shapes = needed_tensors(self.steps, self.config)
+        if quant is None:
+            return sum(prod(s) for s in shapes.values()) * elem
+        return sum(quant.nbytes(name, s, elem) for name, s in shapes.items())
 
     def kv_bytes(self, elem: int, positions: int, batch: int = 1) -> int:
         """KV-cache bytes: 2 (K, V) x kept attention sublayers x batch x positions x KV heads x head dim."""
         c = self.config
         return 2 * self.num_kv_slots * batch * positions * c.num_kv_heads * c.head_dim * elem
 
-    def step_bytes(self, elem: int, context: int, batch: int = 1) -> int:
+    def step_bytes(self, elem: int, context: int, batch: int = 1, quant: QuantScheme | None = None) -> int:
         """Bytes one decode step reads at ``context`` cached positions per row: every loaded weight
-        except the embedding table (one row of it is read; a tied LM head reads it whole), and the KV
-        cache of every row."""
+        (quantized as ``quant`` says) except the embedding table (one row of it is read; a tied LM head
+        reads it whole), and the KV cache of every row (always ``elem`` bytes per element)."""
         c = self.config
-        embed = 0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size * elem
-        return self.weight_bytes(elem) - embed + self.kv_bytes(elem, context, batch)
+        embed = 0
+        if not c.tie_word_embeddings:
+            name, shape = "model.embed_tokens.weight", (c.vocab_size, c.hidden_size)
+            embed = quant.nbytes(name, shape, elem) if quant is not None else prod(shape) * elem
+        return self.weight_bytes(elem, quant) - embed + self.kv_bytes(elem, context, batch)
 
 
 def compile_plan(plan: Plan, config: LlamaConfig) -> Schedule:

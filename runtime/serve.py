@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from model.errors import UserError, cli_main
 from model.sizes import parse_size
+from runtime.generate import add_quant_args
 from runtime.scheduler import QueueFull, SamplingParams, Scheduler, Sequence, pool_slots
 from runtime.threads import add_threads_arg
 
@@ -455,6 +456,7 @@ def parse_args(argv=None):
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--no-compile", action="store_true", help="run the decode step eagerly")
     add_threads_arg(p)
+    add_quant_args(p)
     return p.parse_args(argv)
 
 
@@ -474,7 +476,8 @@ def load_engine(args):
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"--chat-template: {args.chat_template} is not readable text ({e})") from None
     engine = runtime.load(args.model, args.plan, args.dtype, args.device, args.max_seq_len,
-                          compile=not args.no_compile, threads=args.threads)
+                          compile=not args.no_compile, quant=args.quant, group_size=args.group_size,
+                          quant_head=args.quant_head, threads=args.threads)
     if engine.tokenizer is None:
         raise UserError("--model: serving needs a checkpoint with a tokenizer")
     if template is not None:
@@ -495,6 +498,8 @@ def main(argv=None) -> int:
                      args.prefill_chunk, args.api_key)
     print(f"model: {model_id}", file=sys.stderr)
     print(f"plan: {engine.plan.describe()}", file=sys.stderr)
+    if engine.quant is not None:
+        print(f"weights: {engine.weight_bytes / 2**20:.1f} MiB; {engine.quant.describe()}", file=sys.stderr)
     print(capacity_line(engine, app.state.info), file=sys.stderr)
     if engine.decode_mode != "eager":
         seconds = app.state.scheduler.warm_up()

@@ -13,9 +13,12 @@ static in shape, so that a compiler or a graph can take them whole:
   compiled step for every length); the Triton kernel reads the bounds from device memory and loads
   only the keys inside them.
 
-``project(x, w)`` is the one device-specific part: ``F.linear`` by default; the compiled CPU step
+``project(x, w)`` is the one device-specific part: ``linear`` by default; the compiled CPU step
 passes ``multiply_reduce``, which inductor turns into a fused loop that streams weights about twice
-as fast as a GEMV. A quantized projection plugs in here, and nothing else of the step changes.
+as fast as a GEMV. A quantized projection plugs in here, and nothing else of the step changes: ``w``
+may be a ``model.quant.QuantWeight`` (``runtime.load(..., quant=...)``), which ``linear`` runs with the
+Triton kernel on CUDA (``kernels.quant_matmul``) and as dequantize-then-matmul elsewhere (the
+reference), and ``multiply_reduce`` as a fused dequantize-multiply-reduce loop for one row.
 """
 
 import torch
@@ -23,14 +26,62 @@ import torch.nn.functional as F
 
 import kernels
 from kernels.dispatch import use_triton
+from model.quant import QuantWeight, dequantize, take_rows
+
+try:
+    from kernels.quant_matmul import quant_matmul
+except ImportError:  # the Triton kernel is optional here: without it every device runs the reference
+    quant_matmul = None
+
+
+def linear(x, w):
+    """x: [..., K] @ w [N, K].T -> [..., N] in x's dtype. A QuantWeight runs ``kernels.quant_matmul`` on
+    CUDA tensors, and elsewhere the reference: ``w`` dequantized to x's dtype, multiplied in float32
+    (prefill and batches dequantize one projection at a time)."""
+    if not isinstance(w, QuantWeight):
+        return F.linear(x, w)
+    if quant_matmul is not None and use_triton(x):
+        return quant_matmul(x, w)
+    return F.linear(x.float(), dequantize(w, x.dtype).float()).to(x.dtype)
+
+
+def embedding(tokens, table, dtype):
+    """tokens: [B, T] -> [B, T, H] at ``dtype``; a quantized table dequantizes only the rows looked up."""
+    if not isinstance(table, QuantWeight):
+        return F.embedding(tokens, table)
+    return dequantize(take_rows(table, tokens), dtype).view(*tokens.shape, -1)
+
+
+def quant_multiply_reduce(x, w: QuantWeight):
+    """x: [K] float, w: [N, K] quantized -> [N] float32: one fused loop over the quantized bytes (no
+    float copy of the weight), the group scale applied per element so that the whole row is one
+    reduction. int4 reads GGUF's nibble layout as two 16-wide halves of each 32-input block, which
+    inductor vectorises; the offset term is sum_g offset[n, g] * (sum of x over group g)."""
+    N, K = w.shape
+    G = w.group_size
+    x = x.float()
+    scale = w.scale.float()
+    if w.kind == "int8":
+        xs = x.view(K // G, G)
+        return (xs * w.data.view(N, K // G, G) * scale[..., None]).sum((-1, -2))
+    d = w.data.view(N, K // G, G // 32, 16)
+    xs = x.view(K // G, G // 32, 2, 16)
+    s = scale[..., None, None]  # applied to each 16-wide partial product (1.4x faster than to each half's x)
+    y = (s * ((d & 15).float() * xs[..., 0, :] + (d >> 4).float() * xs[..., 1, :])).sum((-1, -2, -3))
+    if w.offset is not None:
+        y = y + (w.offset.float() * xs.sum((-1, -2, -3))).sum(-1)
+    return y
 
 
 def multiply_reduce(x, w):
     """x: [B, 1, K], w: [N, K] -> [B, 1, N]: one row as a multiply-reduce (inductor's fused loop); more
-    rows as a GEMM, which re-reads each weight row less often than B reduction passes would."""
+    rows as a GEMM, which re-reads each weight row less often than B reduction passes would. A
+    QuantWeight: ``quant_multiply_reduce`` for one row, ``linear`` (dequantize, then a GEMM) for more."""
     if x.shape[0] * x.shape[1] == 1:
+        if isinstance(w, QuantWeight):
+            return quant_multiply_reduce(x.reshape(-1), w).to(x.dtype).view(1, 1, -1)
         return (x.unsqueeze(-2) * w).sum(-1)
-    return F.linear(x, w)
+    return linear(x, w)
 
 
 def decode_attention(q, k_cache, v_cache, kv_start, kv_end, scale: float):
@@ -51,7 +102,7 @@ def decode_attention(q, k_cache, v_cache, kv_start, kv_end, scale: float):
 
 
 def attention_step(pending, x, norm, qkv, o, k_cache, v_cache, cos, sin, positions, index, kv_start,
-                   heads: int, kv_heads: int, eps: float, scale: float, project=F.linear, prefill_start=None):
+                   heads: int, kv_heads: int, eps: float, scale: float, project=linear, prefill_start=None):
     """pending, x: [B, T, H] the last sublayer's output (zeros or None before the first) and the residual
     stream; norm: [H]; qkv: [(Hq + 2 Hkv) D, H]; o: [H, Hq D]; k_cache, v_cache: [B, Hkv, S, D];
     cos, sin: [P, D] tables; positions: [B, T] rotary positions; index: [B] int64 cache index of each
@@ -73,13 +124,13 @@ def attention_step(pending, x, norm, qkv, o, k_cache, v_cache, cos, sin, positio
     return x, project(out.reshape(B, T, heads * D), o)
 
 
-def mlp_step(pending, x, norm, gate_up, down, eps: float, project=F.linear):
+def mlp_step(pending, x, norm, gate_up, down, eps: float, project=linear):
     """gate_up: [2 I, H] (gate and up fused); down: [H, I]. Returns (x, MLP output [B, T, H])."""
     x, h = kernels.add_rmsnorm(pending, x, norm, eps)
     return x, project(kernels.swiglu(project(h, gate_up)), down)
 
 
-def head_step(pending, x, norm, lm_head, eps: float, project=F.linear):
+def head_step(pending, x, norm, lm_head, eps: float, project=linear):
     """Final add + RMSNorm and the LM head: logits [B, T, V] in x's dtype."""
     _, h = kernels.add_rmsnorm(pending, x, norm, eps)
     return project(h, lm_head)

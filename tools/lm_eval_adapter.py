@@ -12,8 +12,9 @@ model_args: ``pretrained`` (checkpoint directory or ``smollm2-135m-instruct``; d
 ``plan`` (preset name, plan JSON path; default ``full``), ``dtype`` (auto/float32/bfloat16/float16),
 ``device`` (auto/cpu/cuda[:N]), ``batch_size`` (rows per forward), ``max_length`` (context length;
 default the model's ``max_position_embeddings``, as lm-eval's HFLM), ``max_gen_toks`` (default 256),
-``add_bos_token`` (as HFLM's), ``threads`` (torch threads, 1 to the cores this process may use;
-default torch's).
+``add_bos_token`` (as HFLM's), ``quant`` (none/int8/int4), ``group_size`` and ``quant_head`` (as
+``runtime.load``'s: weights quantized at load time), ``threads`` (torch threads, 1 to the cores this
+process may use; default torch's).
 
 Everything is computed by ``runtime.Engine``; tokenisation mirrors lm-eval's ``HFLM`` exactly (the
 same ``_encode_pair``, BOS handling, left truncation to ``max_length + 1`` tokens, rolling windows
@@ -75,7 +76,7 @@ def _parse_positive_int(name, value, allow_none=True):
 
 
 _MODEL_ARGS = ("pretrained", "plan", "dtype", "device", "batch_size", "max_length", "max_gen_toks",
-               "add_bos_token", "compile", "threads")
+               "add_bos_token", "compile", "quant", "group_size", "quant_head", "threads")
 
 
 @register_model("sublayer")
@@ -86,7 +87,7 @@ class SublayerLM(TemplateLM):
 
     def __init__(self, pretrained=None, plan=None, dtype="auto", device="auto", batch_size=1,
                  max_length=None, max_gen_toks=_DEFAULT_MAX_GEN_TOKS, add_bos_token=None, engine=None,
-                 compile=True, threads=None, **kwargs):
+                 compile=True, quant=None, group_size=None, quant_head=False, threads=None, **kwargs):
         super().__init__()
         ignored = {k: v for k, v in kwargs.items() if k in ("max_batch_size",)}
         unknown = sorted(set(kwargs) - set(ignored))
@@ -108,6 +109,9 @@ class SublayerLM(TemplateLM):
             engine = runtime.load(None if pretrained in (None, "") else str(pretrained), plan=plan,
                                   dtype=str(dtype), device=str(device),
                                   compile=_parse_bool("compile", compile) is not False,
+                                  quant=None if quant in (None, "") else str(quant),
+                                  group_size=_parse_positive_int("group_size", group_size),
+                                  quant_head=bool(_parse_bool("quant_head", quant_head)),
                                   threads=_parse_positive_int("threads", threads))
         self.engine = engine
         self.tokenizer = engine.tokenizer  # ours, not a transformers tokenizer
