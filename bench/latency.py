@@ -20,7 +20,6 @@ each timed alone (``time.perf_counter`` on CPU, CUDA events on GPU). Implementat
   default model's Q4_1 GGUF), CPU, ``--threads`` threads, plan full, batch 1 (``bench.llama_cpp_peer``);
   skipped with a message where llama-cpp-python is not installed (CI).
 
-
 Bytes read per decode step = loaded weights (except the embedding table, of which one row is read; a
 tied LM head reads it whole) + the KV cache at the prompt length, for every row of the batch. Achieved
 bandwidth = those bytes / median step time, printed next to the machine's copy bandwidth (read + write
@@ -98,13 +97,25 @@ class Timer:
         return [b - a for a, b in self._spans]
 
 
-def plan_bytes(config, plan, elem: int, context: int, batch: int) -> dict:
-    """Weight bytes this plan loads, and bytes one decode step reads at ``context`` (``Schedule``)."""
+def plan_bytes(config, plan, elem: int, context: int, batch: int, quant=None) -> dict:
+    """Weight bytes this plan loads, and bytes one decode step reads at ``context`` (``Schedule``;
+    ``quant``: the engine's ``model.quant.QuantScheme``, None for float weights)."""
     from runtime.schedule import compile_plan
 
     schedule = compile_plan(plan, config)
-    return {"weights_MiB": schedule.weight_bytes(elem) / MiB, "kv_MiB": schedule.kv_bytes(elem, context, batch) / MiB,
-            "step_MiB": schedule.step_bytes(elem, context, batch) / MiB}
+    return {"weights_MiB": schedule.weight_bytes(elem, quant) / MiB, "kv_MiB": schedule.kv_bytes(elem, context, batch) / MiB,
+            "step_MiB": schedule.step_bytes(elem, context, batch, quant) / MiB}
+
+
+def quant_specs(specs, args) -> list[dict]:
+    """Each of our rows once per ``--quants`` entry (``spec["quant"]``, its label); peers' rows once."""
+    from model.quant import parse_label, resolve_scheme
+
+    labels = [q for q in args.quants.split(",") if q]
+    for label in labels:
+        resolve_scheme(*parse_label(label), args.quant_head and label != "none")  # bad values fail before anything runs
+    return [{**s, "quant": q, "quant_head": args.quant_head and q != "none"} for s in specs
+            for q in (labels if s["impl"].startswith("ours") else ["none"])]
 
 
 def load_ours(spec, max_seq_len):
@@ -112,10 +123,14 @@ def load_ours(spec, max_seq_len):
     from runtime.engine import load_shape
 
     compile = spec["impl"] == "ours"
+    from model.quant import parse_label
+
+    quant, group_size = parse_label(spec.get("quant", "none"))
+    q = {"quant": quant, "group_size": group_size, "quant_head": spec.get("quant_head", False)}
     if spec["shape"]:
-        return load_shape(spec["shape"], spec["plan"], spec["dtype"], spec["device"], max_seq_len, compile)
+        return load_shape(spec["shape"], spec["plan"], spec["dtype"], spec["device"], max_seq_len, compile, **q)
     return runtime.load(spec["model"], spec["plan"], spec["dtype"], spec["device"], max_seq_len,
-                        show_progress=False, compile=compile)
+                        show_progress=False, compile=compile, **q)
 
 
 def ours_runner(engine, batch):
@@ -202,7 +217,7 @@ def measure(spec) -> dict:
     t0 = time.perf_counter()
     if spec["impl"].startswith("ours"):
         engine = load_ours(spec, max_seq_len)
-        config, plan, dtype, device = engine.config, engine.plan, engine.dtype, engine.device
+        config, plan, dtype, device, quant = engine.config, engine.plan, engine.dtype, engine.device, engine.quant
         prefill, step = ours_runner(engine, B)
         warm_prefill = prefill  # the static cache is simply overwritten by the timed prefill
     else:
@@ -220,7 +235,7 @@ def measure(spec) -> dict:
         plan = load_plan(spec["plan"], config.num_layers)
         device = resolve_device(spec["device"])
         dtype = resolve_dtype(spec["dtype"], device)
-        hf = load_hf(spec, config, plan, dtype, device)
+        hf, quant = load_hf(spec, config, plan, dtype, device), None
         prefill, step = hf_runner(hf, spec, B, max_seq_len)
         warm_prefill, _ = hf_runner(hf, {**spec, "impl": "hf-eager"}, B, max_seq_len)  # its own cache
     load_s = time.perf_counter() - t0
@@ -242,7 +257,7 @@ def measure(spec) -> dict:
             logits = step(tok, T + i)
         if i == 0:
             first, first_s = logits[:, -1].float().cpu(), time.perf_counter() - t_first
-    head = row_head(spec, plan, device, config, dtype)
+    head = row_head(spec, plan, device, config, dtype, quant)
     row = {**head, "load_s": load_s, "first_step_s": first_s,  # first decode step: compile / capture / warm-up
            **timing_fields(timer.seconds(), spec, head["step_MiB"])}
     if device.type == "cuda":
@@ -285,7 +300,7 @@ def measure_paired(spec) -> list[dict]:
     rows = []
     for r, out in zip(runs, spec["logits_out"]):
         e = r["engine"]
-        head = row_head(spec, e.plan, e.device, e.config, e.dtype)
+        head = row_head(spec, e.plan, e.device, e.config, e.dtype, e.quant)
         row = {**head, "paired": True, **timing_fields(r["timer"].seconds(), spec, head["step_MiB"])}
         from safetensors.torch import save_file
 
@@ -294,12 +309,13 @@ def measure_paired(spec) -> list[dict]:
     return rows
 
 
-def row_head(spec, plan, device, config, dtype) -> dict:
-    """What a row measured: impl, plan, dtype, shape of the run, and its bytes (``plan_bytes``)."""
+def row_head(spec, plan, device, config, dtype, quant=None) -> dict:
+    """What a row measured: impl, plan, dtype, quantization, shape of the run, and its bytes (``plan_bytes``)."""
     return {**{k: spec[k] for k in ("impl", "dtype", "batch", "context")}, "plan": plan.name,
+            "quant": spec.get("quant", "none") + ("+head" if spec.get("quant_head") else ""),
             "device": device.type, "steps": spec["steps"],
             "attn_dropped": len(plan.drop_attention), "mlp_dropped": len(plan.drop_mlp),
-            **plan_bytes(config, plan, dtype.itemsize, spec["context"], spec["batch"])}
+            **plan_bytes(config, plan, dtype.itemsize, spec["context"], spec["batch"], quant)}
 
 
 def timing_fields(times, spec, step_MiB: float) -> dict:
@@ -333,6 +349,9 @@ def parse_args(argv):
     p.add_argument("--impls", default="ours,hf-eager,hf-compile", help=f"any of {', '.join(IMPLS)}")
     p.add_argument("--gguf", default=None, help="comma-separated GGUF files for the llama.cpp rows (default: the "
                    "default model's Q4_1 GGUF)")
+    p.add_argument("--quants", default="none",
+                   help="our rows once per entry: none, int8 (per output channel), int4 (groups of 64), KIND-gN")
+    p.add_argument("--quant-head", action="store_true", help="quantized rows quantize the embedding and LM head too")
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per row")
     p.add_argument("--warmup", type=int, default=4, help="decode steps before timing")
@@ -450,7 +469,7 @@ def main(argv=None) -> int:
             return 0
         print(json.dumps(measure_paired(spec) if "plans" in spec else measure(spec)))
         return 0
-    specs = specs_of(args)
+    specs = quant_specs(specs_of(args), args)
     from runtime.engine import resolve_device
 
     device = resolve_device(args.device)
@@ -507,7 +526,7 @@ def main(argv=None) -> int:
 
 def _key(r, **change):
     r = {**r, **change}
-    return (r["impl"], r["plan"], r["dtype"], r["batch"], r["context"], r.get("gguf"))
+    return (r["impl"], r["plan"], r["dtype"], r["batch"], r["context"], r.get("gguf"), r.get("quant", "none"))
 
 
 def add_comparisons(rows):
@@ -531,7 +550,7 @@ def add_comparisons(rows):
 
 
 def fmt_row(r) -> str:
-    head = f"{r['impl']:>10} {r['plan']:>12} {r['dtype']:>8} b{r['batch']:<2} t{r['context']:<5}"
+    head = f"{r['impl']:>10} {r['plan']:>12} {r.get('quant', 'none'):>9} {r['dtype']:>8} b{r['batch']:<2} t{r['context']:<5}"
     if r.get("gguf"):
         head += f" {r.get('weights', '')} ({r['gguf']})"
     if "error" in r:
@@ -541,7 +560,7 @@ def fmt_row(r) -> str:
             f"{r['GBps']:5.1f} GB/s" + (f", peak {r['peak_MiB']:.0f} MiB" if "peak_MiB" in r else ", paired"))
 
 
-COLUMNS = [("plan", "plan", "{}"), ("impl", "impl", "{}"), ("weights", "GGUF weights", "{}"), ("batch", "batch", "{}"),
+COLUMNS = [("plan", "plan", "{}"), ("impl", "impl", "{}"), ("quant", "quant", "{}"), ("weights", "GGUF weights", "{}"), ("batch", "batch", "{}"),
            ("context", "context", "{}"),
            ("prefill_ms", "prefill ms", "{:.1f}"), ("decode_ms", "decode ms/token", "{:.2f}"),
            ("decode_p10_ms", "p10", "{:.2f}"), ("decode_p90_ms", "p90", "{:.2f}"), ("tok_s", "tokens/s", "{:.1f}"),
