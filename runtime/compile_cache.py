@@ -76,9 +76,14 @@ def environment() -> dict:
             "code": _code_hash()}
 
 
-def describe(args: tuple, dynamic: dict[int, dict[int, str]]):
+class TooSmall(ValueError):
+    """A dynamic dimension below the compiled step's minimum (this call only runs on another path)."""
+
+
+def describe(args: tuple, dynamic: dict[int, dict[int, str]], sizes: dict[str, tuple[int, int]]):
     """The structure of a call: (key, tensors). ``dynamic`` maps a positional argument to its dynamic
-    dimensions ({dim: name}; one name, one size); such an argument must be a contiguous tensor. The key
+    dimensions ({dim: name}; one name, one size); such an argument must be a contiguous tensor, its
+    size at least the name's minimum in ``sizes`` ({name: (example size, minimum)}). The key
     is JSON-able: the pytree spec and per leaf ("tensor", dtype, device, shape with -1 for a dynamic
     size, strides or None) or ("const", type, value)."""
     leaves, spec = pytree.tree_flatten(args)
@@ -89,7 +94,9 @@ def describe(args: tuple, dynamic: dict[int, dict[int, str]]):
             if pos in dynamic:
                 if not v.is_contiguous():
                     raise ValueError(f"argument {pos} is not contiguous")
-                for dim in dynamic[pos]:
+                for dim, name in dynamic[pos].items():
+                    if shape[dim] < sizes[name][1]:
+                        raise TooSmall(f"argument {pos} has {shape[dim]} < {sizes[name][1]} along {name}")
                     shape[dim] = -1
                 stride = None
             desc.append(["tensor", str(v.dtype), v.device.type, shape, stride])
@@ -154,11 +161,11 @@ def _note(msg: str):
 
 
 def build(path: Path, full_key: str, fn, args: tuple, dynamic: dict[int, dict[int, str]],
-          examples: dict[str, int]) -> Runner:
-    """Export ``fn(*args)`` (``dynamic`` as in ``describe``; constants baked in), compile it with
-    AOTInductor and install it at ``path`` (replacing whatever is there). Only the arguments'
+          sizes: dict[str, tuple[int, int]]) -> Runner:
+    """Export ``fn(*args)`` (``dynamic`` and ``sizes`` as in ``describe``; constants baked in), compile
+    it with AOTInductor and install it at ``path`` (replacing whatever is there). Only the arguments'
     structure is used: the export runs on zero tensors of the same layout, a dynamic dimension at its
-    size in ``examples`` (by name; at least 2, so that the export does not specialise it)."""
+    example size (not 0 or 1, which the export would specialise on)."""
     leaves, spec = pytree.tree_flatten(args)
     inputs, shapes, dims = [], [], {}
     for v, pos in zip(leaves, _leaf_positions(args)):
@@ -167,9 +174,9 @@ def build(path: Path, full_key: str, fn, args: tuple, dynamic: dict[int, dict[in
         if pos in dynamic:
             shape = list(v.shape)
             for dim, name in dynamic[pos].items():
-                shape[dim] = examples[name]
+                shape[dim] = sizes[name][0]
             inputs.append(torch.zeros(shape, dtype=v.dtype))
-            shapes.append({dim: dims.setdefault(name, torch.export.Dim(name, min=min(2, examples[name])))
+            shapes.append({dim: dims.setdefault(name, torch.export.Dim(name, min=sizes[name][1]))
                            for dim, name in dynamic[pos].items()})
         else:
             inputs.append(torch.empty_strided(v.shape, v.stride(), dtype=v.dtype).zero_())

@@ -109,7 +109,8 @@ def corrupt_copy(tmp_path, monkeypatch, how):
     # the entries this engine uses: resolve their paths the way the steps do
     x = torch.zeros(1, 1, engine.config.hidden_size)
     key, _ = compile_cache.describe((torch.zeros_like(x), x, engine.final_norm, engine.lm_head,
-                                     engine.config.rms_norm_eps), fast_decode.compiled_steps().head.dynamic[1])
+                                     engine.config.rms_norm_eps), fast_decode.compiled_steps().head.dynamic[1],
+                                    fast_decode._SIZES)
     head = compile_cache.entry_path("head", key)[0]
     for p in src.iterdir():
         if (p / compile_cache.KEY_FILE).is_file():
