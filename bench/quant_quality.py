@@ -5,6 +5,9 @@ For each scheme (``none``, ``int8``, ``int4-g64``, ... as ``bench.latency --quan
 - against the float model on the same tokens (``--tokens`` of WikiText-2 from ``--start-fraction``): the
   relative error of the logits ||q - f|| / ||f|| over every position and the top-1 agreement;
 - with ``--ppl-windows N``: held-out perplexity (``tools.perplexity``) per plan in ``--plans``;
+- with ``--speed CONTEXTS``: decode ms/token at batch 1 for every scheme and ``--dtypes``, all engines
+  in one process with their decode steps alternating (a loaded machine slows them alike), and with
+  ``--projections`` each projection's one-row multiply-reduce alone (the compiled CPU loop);
 - with ``--rss``: resident memory in a fresh process after loading and one forward pass (CONVENTIONS.md),
   against the weight bytes the engine counts, and against a process that imported everything but
   loaded no model.
@@ -30,6 +33,90 @@ def load(model, plan, dtype, label, quant_head):
     quant, group_size = parse_label(label, "--schemes")
     return runtime.load(model, plan=plan, dtype=dtype, device="cpu", compile=False, show_progress=False, quant=quant,
                         group_size=group_size, quant_head=quant_head and quant is not None)
+
+
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def speed(model, labels, dtypes, contexts, quant_head, steps=32, warmup=4) -> list[dict]:
+    """Decode ms/token (median of ``steps``), engines of every scheme x dtype alternating step by step."""
+    import time
+
+    import torch
+
+    rows = []
+    for T in contexts:
+        runs = []
+        for dtype in dtypes:
+            for label in labels:
+                try:
+                    engine = load(model, None, dtype, label, quant_head)
+                except UserError as e:  # reported by the error rows
+                    print(f"{label}: skipped: {e}", file=sys.stderr)
+                    continue
+                engine.decode_mode = "compiled"
+                cache = engine.new_cache(1, T + warmup + steps + 1)
+                kv0 = torch.zeros(1, dtype=torch.int32)
+                ids = torch.randint(3, engine.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
+                logits = engine.forward(ids, cache, 0, kv0, torch.arange(T)[None], last_only=True)
+                runs.append({"engine": engine, "cache": cache, "logits": logits, "times": [], "label": label,
+                             "dtype": dtype})
+        for i in range(warmup + steps):
+            for r in runs:
+                tok = r["logits"][:, -1].argmax(-1, keepdim=True)
+                t0 = time.perf_counter()
+                r["logits"] = r["engine"].decode_step(tok, r["cache"], torch.tensor([T + i]), kv0)
+                r["times"].append(time.perf_counter() - t0)
+        for r in runs:
+            e, ms = r["engine"], median(r["times"][warmup:]) * 1e3
+            rows.append({"scheme": r["label"], "dtype": r["dtype"], "context": T, "decode_ms": ms,
+                         "step_MiB": e.step_bytes(T) / MiB, "GBps": e.step_bytes(T) / ms / 1e6})
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
+def projections(model, labels, dtypes, n=200) -> list[dict]:
+    """Per projection of layer 0 (fused q/k/v, o, fused gate/up, down) and x 30: the compiled one-row
+    multiply-reduce alone, ms per call (median), every scheme's call alternating."""
+    import time
+
+    import torch
+
+    from runtime.step import multiply_reduce
+
+    run = torch.compile(multiply_reduce, fullgraph=True)
+    rows = []
+    for dtype in dtypes:
+        engines = {}
+        for label in labels:
+            try:
+                engines[label] = load(model, None, dtype, label, False)
+            except UserError as e:
+                print(f"{label}: skipped: {e}", file=sys.stderr)
+        for proj in ("qkv", "o", "gate_up", "down"):
+            source = "layers"
+            ws = {}
+            for label, e in engines.items():
+                layer = e.layers[0] if proj in ("qkv", "o") else e.layers[1]
+                ws[label] = getattr(layer, proj)
+            K = next(iter(ws.values())).shape[1]
+            x = torch.randn(1, 1, K).to(e.dtype)
+            times = {label: [] for label in ws}
+            for label in ws:
+                for _ in range(3):
+                    run(x, ws[label])
+            for _ in range(n):
+                for label in ws:
+                    t0 = time.perf_counter()
+                    run(x, ws[label])
+                    times[label].append(time.perf_counter() - t0)
+            for label in ws:
+                rows.append({"dtype": dtype, "projection": proj, "scheme": label, "ms": median(times[label]) * 1e3,
+                             "shape": list(ws[label].shape), "from": source})
+                print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
 
 
 def rss_worker(model, label, quant_head, dtype) -> dict:
@@ -68,6 +155,11 @@ def main(argv=None) -> int:
     p.add_argument("--start-fraction", type=float, default=0.5)
     p.add_argument("--plans", default="full", help="plans for --ppl-windows")
     p.add_argument("--ppl-windows", type=int, default=0, help="held-out perplexity over N windows of 512 (0: skip)")
+    p.add_argument("--speed", default=None, help="comma-separated contexts: decode ms/token per scheme and dtype")
+    p.add_argument("--projections", action="store_true", help="compiled one-row multiply-reduce per projection")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="for --speed and --projections")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--skip-errors", action="store_true", help="skip the logits error rows")
     p.add_argument("--rss", action="store_true", help="resident memory per scheme, each in a fresh process")
     p.add_argument("--out", default=None, help="write the numbers as JSON here")
     p.add_argument("--rss-worker", default=None, help=argparse.SUPPRESS)
@@ -84,12 +176,22 @@ def main(argv=None) -> int:
     labels = [s for s in args.schemes.split(",") if s]
     for label in labels:
         parse_label(label, "--schemes")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    timed = []
+    if args.projections:
+        timed += projections(args.model, labels, dtypes)
+    if args.speed:
+        from bench.flags import int_list
+
+        timed += speed(args.model, labels, dtypes, int_list(args.speed, "--speed"), args.quant_head)
     base = load(args.model, None, args.dtype, "none", False)
     ids = token_windows(base.tokenizer, WIKITEXT2, args.tokens, 1, args.start_fraction)
     ref = base.logits(ids)[0].double()
     top1 = ref.argmax(-1)
     rows = []
-    for label in labels:
+    for label in ([] if args.skip_errors else labels):
         row = {"scheme": label + ("+head" if args.quant_head else ""), "tokens": args.tokens}
         try:
             engine = load(args.model, None, args.dtype, label, args.quant_head)
@@ -147,10 +249,13 @@ def main(argv=None) -> int:
             else:
                 print(f"| {r['scheme']} | {r['weight_MiB']:.1f} | {r['rss_MiB']:.1f} | "
                       f"{r['rss_MiB'] - r['imports_only_rss_MiB']:.1f} |")
+    for r in timed:
+        print("| " + " | ".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in r.items()) + " |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"command": "python -m bench.quant_quality " + " ".join(sys.argv[1:] if argv is None else argv),
-                       "dtype": args.dtype, "errors": rows, "perplexity": ppl, "rss": rss}, f, indent=1)
+                       "dtype": args.dtype, "threads": torch.get_num_threads(), "errors": rows, "perplexity": ppl,
+                       "rss": rss, "speed": timed}, f, indent=1)
     return 0
 
 
