@@ -6,7 +6,9 @@ like every other row: llama.cpp's low-level C API (``llama_decode``), CPU only, 
 decode and prefill, batch 1, the same random prompt as ours (token ids from ``torch.randint`` with seed
 0), a warm-up prefill of the real length (then the KV cache cleared), the timed prefill, then warm-up
 + timed single-token decode steps (greedy), each timed alone. llama.cpp keeps its default KV cache type
-(float16) and flash-attention setting, as a user gets it.
+(float16) and flash-attention setting, as a user gets it. Its OpenMP threads wait as the environment
+says (the row records ``OMP_WAIT_POLICY``): on a busy machine libgomp's default spinning wait makes two
+threads 4-7x slower than one (measured here under a load average of 12), ``OMP_WAIT_POLICY=PASSIVE`` does not.
 
 Making the peer GGUFs of the default model (written under ``$SUBLAYER_CACHE/gguf/``, never the repo):
 
@@ -143,7 +145,8 @@ def measure(spec) -> dict:
     hwm = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmHWM:"))
     row = {"impl": "llama.cpp", "dtype": spec["dtype"], "batch": 1, "context": T, "plan": "full", "device": "cpu",
            "steps": steps, "attn_dropped": 0, "mlp_dropped": 0, "gguf": path.name, "weights": facts["weights"],
-           "llama_cpp": version(), "threads": threads, "weights_MiB": facts["weights_MiB"], "kv_MiB": kv_MiB,
+           "llama_cpp": version(), "threads": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+           "weights_MiB": facts["weights_MiB"], "kv_MiB": kv_MiB,
            "step_MiB": step_MiB, "load_s": load_s, "first_step_s": first_s,
            **timing_fields(times, spec, step_MiB), "peak_MiB": int(hwm.split()[1]) / 1024}
     if spec.get("logits_out"):
