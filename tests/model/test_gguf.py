@@ -591,10 +591,11 @@ def test_kept_blocks_run_like_the_dequantizing_import(qtype, tmp_path):
 @needs_smol
 def test_q4_1_blocks_run_like_the_dequantizing_import(smol_dir, smol_kept_dir):
     """SmolLM2's Q4_1 (and Q8_0 embedding) blocks, run as they are, give the float import's logits
-    (float32 activations): the prefill (forward) and eager decode steps, within 1e-4."""
+    (float32 activations): the prefill (forward) and the compiled decode steps against the float
+    model's eager ones, within 1e-4 (measured: 0 for the prefill, under 2e-6 for the steps)."""
     import runtime
 
-    kept = runtime.load(str(smol_kept_dir), dtype="float32", device="cpu", compile=False, show_progress=False)
+    kept = runtime.load(str(smol_kept_dir), dtype="float32", device="cpu", compile=True, show_progress=False)
     full = runtime.load(str(smol_dir), dtype="float32", device="cpu", compile=False, show_progress=False)
     assert kept.weight_bytes < full.weight_bytes / 4  # blocks, not float32
     ids = kept.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 6)[:64]
@@ -609,5 +610,5 @@ def test_q4_1_blocks_run_like_the_dequantizing_import(smol_dir, smol_kept_dir):
             token = logits[-1][:, -1].argmax(-1, keepdim=True)
         runs.append(logits)
     errs = [rel_err(a, b) for a, b in zip(*runs)]
-    print(f"Q4_1 blocks vs dequantizing import, relative logit error (prefill, 4 decode steps): {errs}")
+    print(f"Q4_1 blocks vs dequantizing import, relative logit error (prefill, 4 compiled decode steps): {errs}")
     assert max(errs) < 1e-4
