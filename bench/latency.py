@@ -426,7 +426,9 @@ def llama_cpp_specs(args, impls) -> list[dict]:
         return []
     if args.shape:
         raise UserError("--impls llama.cpp needs a GGUF of real weights; it cannot run with --shape")
-    if args.gguf is None and args.model not in (None, "smollm2-135m-instruct"):
+    from model.default_model import KNOWN_MODELS
+
+    if args.gguf is None and args.model is not None and args.model not in KNOWN_MODELS:  # both are SmolLM2's GGUF
         raise UserError("--impls llama.cpp with --model: name the model's GGUF file(s) with --gguf")
     if args.gguf is None:
         from model.default_model import _installed_gguf
