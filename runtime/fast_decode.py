@@ -56,7 +56,7 @@ def _jit(name, fn, dynamic_cache=False):
         nonlocal run
         if run is None:  # torch.compile imports dynamo and inductor (seconds): only when needed
             run = torch.compile(fn, fullgraph=True, dynamic=None)
-        CALLS[f"compiled {name}"] += 1
+        CALLS[f"compiled {name} (jit)"] += 1
         if dynamic_cache:  # the cut K/V caches: one compiled step for every length
             torch._dynamo.maybe_mark_dynamic(args[5], 2)
             torch._dynamo.maybe_mark_dynamic(args[6], 2)
@@ -248,7 +248,8 @@ def compiled_steps() -> Steps:
     same = lambda a: a  # noqa: E731
     rows = {0: {0: "B"}, 1: {0: "B"}}  # pending, x
     cache = {0: "B", 2: "S"}
-    attention = {0: cache, 1: cache, 2: {0: "L"}, 3: {0: "B"}, 4: {0: "B"}, 9: {0: "B"}, 10: {0: "B"}, 11: {0: "B"}}
+    # _attention_args order: k, v, length, pending, x, norm, qkv, o, cos, sin, positions, index, kv_start, ...
+    attention = {0: cache, 1: cache, 2: {0: "L"}, 3: {0: "B"}, 4: {0: "B"}, 10: {0: "B"}, 11: {0: "B"}, 12: {0: "B"}}
     return Steps(
         CachedStep("attention", _attention_over_cache, attention, _attention_args, step.attention_step,
                    _jit("attention", _attention, dynamic_cache=True)),

@@ -67,7 +67,7 @@ def test_entries_are_reused_by_later_loads_and_processes(stories_entries):
 
 
 @pytest.mark.parametrize("rows", [1, 3])
-def test_cached_steps_match_the_eager_step(stories_entries, monkeypatch, rows):
+def test_cached_steps_match_the_eager_step(stories_entries, monkeypatch, capsys, rows):
     """Decode logits through the cached steps against the eager step (itself within 1e-4 of Hugging
     Face, tests/runtime/test_engine.py), rows at different cache positions."""
     monkeypatch.setattr(fast_decode, "cold_start", "build")
@@ -83,8 +83,11 @@ def test_cached_steps_match_the_eager_step(stories_entries, monkeypatch, rows):
         before = counts()
         out = [e.decode_step(tokens[:, i:i + 1], cache, index0 + i, kv_start) for i in range(tokens.shape[1])]
         logits.append(torch.stack(out))
-        if e is cached:
+        if e is cached:  # every step through a cache entry: none eager, none compiled in-process
+            for name in ("attention", "mlp", "head"):
+                assert delta(before, f"compiled {name}") > 0 and delta(before, f"compiled {name} (jit)") == 0
             assert delta(before, "compiled head") == tokens.shape[1] and delta(before, "eager head") == 0
+    assert "cannot build" not in capsys.readouterr().err
     err = ((logits[0] - logits[1]).abs().amax() / logits[1].abs().amax()).item()
     assert err < 1e-5
 
@@ -96,7 +99,7 @@ def test_batch_sizes_from_two_up_share_one_entry(stories_entries, monkeypatch):
     before = counts()
     engine.generate(["Once upon a time", "The dog", "A cat sat"], max_new_tokens=3)
     assert delta(before, "cache build") == 0 and delta(before, "cache hit") == 0
-    assert delta(before, "compiled mlp") > 0
+    assert delta(before, "compiled attention") > 0 and delta(before, "compiled attention (jit)") == 0
 
 
 def corrupt_copy(tmp_path, monkeypatch, how):
