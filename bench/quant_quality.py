@@ -86,6 +86,7 @@ def projections(model, labels, dtypes, n=200) -> list[dict]:
 
     from runtime.step import multiply_reduce
 
+    torch._dynamo.config.recompile_limit = 64  # a variant per projection shape, scheme and dtype
     run = torch.compile(multiply_reduce, fullgraph=True)
     rows = []
     for dtype in dtypes:
