@@ -158,7 +158,7 @@ class QuantScheme:
             counts = {}
             for _, _, t in self.stored.values():
                 counts[t] = counts.get(t, 0) + 1
-            return "stored blocks as in the checkpoint: " + ", ".join(f"{n} weights {t}" for t, n in counts.items())
+            return "stored blocks as in the checkpoint: " + ", ".join(f"{n} weight{'s' * (n != 1)} {t}" for t, n in counts.items())
         if self.kind == "int8":
             what = "int8, symmetric, " + (f"groups of {self.group_size} inputs" if self.group_size
                                           else "one float16 scale per output channel")
