@@ -43,7 +43,9 @@ def make_tiny_llama(out_dir: Path, hidden, layers, heads, kv_heads, intermediate
 def hf_model(path, dtype=torch.float32):
     from transformers import LlamaForCausalLM
 
-    return LlamaForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    from model.weights import require_float
+
+    return LlamaForCausalLM.from_pretrained(require_float(path, "the Hugging Face reference"), dtype=dtype).eval()
 
 
 def skip_sublayers(hf, plan):

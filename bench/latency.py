@@ -168,7 +168,10 @@ def load_hf(spec, config, plan, dtype, device):
     else:
         from model.default_model import resolve_model
 
-        hf = LlamaForCausalLM.from_pretrained(resolve_model(spec["model"], show_progress=False), dtype=dtype)
+        from model.weights import require_float
+
+        checkpoint = resolve_model(spec["model"], show_progress=False)
+        hf = LlamaForCausalLM.from_pretrained(require_float(checkpoint, "the hf-eager / hf-compile rows"), dtype=dtype)
     hf = hf.to(device).eval()
     for i in plan.drop_attention:
         layer = hf.model.layers[i]

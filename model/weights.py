@@ -274,3 +274,14 @@ def _cat_into(views: list[torch.Tensor], dtype: torch.dtype | None, device) -> t
         out[r:r + v.shape[0]].copy_(v)
         r += v.shape[0]
     return out
+
+
+def require_float(checkpoint_dir, who: str) -> str:
+    """``checkpoint_dir`` as a string, or UserError if it stores weights quantized (GGUF blocks kept):
+    transformers would load it with random weights in their place and only a warning. ``who`` names
+    what needs the float checkpoint."""
+    quantized = CheckpointReader(checkpoint_dir).quantized
+    if quantized:
+        raise UserError(f"{checkpoint_dir}: {len(quantized)} weights are stored quantized (e.g. '{quantized[0]}'); "
+                        f"{who} needs a float checkpoint (import the GGUF without --keep-quant)")
+    return str(checkpoint_dir)

@@ -29,7 +29,10 @@ def load_hf(checkpoint) -> nn.Module:
     """The checkpoint as a float32 LlamaForCausalLM (eager attention: the same on every CPU)."""
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32, attn_implementation="sdpa")
+    from model.weights import require_float
+
+    model = LlamaForCausalLM.from_pretrained(require_float(checkpoint, "healing (a transformers student and teacher)"),
+                                             dtype=torch.float32, attn_implementation="sdpa")
     model.config.use_cache = False
     return model
 

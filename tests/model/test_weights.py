@@ -92,6 +92,17 @@ def quant_weights():
 TYPES = {Q: "q4_1", K_: "q4_0", "model.layers.0.mlp.up_proj.weight": "q8_0"}
 
 
+def test_require_float_refuses_stored_quantized(tmp_path, quant_weights):
+    """Transformers would load a kept-blocks checkpoint with random weights: the tools that hand a
+    checkpoint to it (HF reference, healing, the HF latency rows) refuse it, naming the directory."""
+    from model.weights import require_float
+
+    path = _quant_checkpoint(tmp_path, quant_weights, TYPES)
+    assert require_float(STORIES, "the test") == str(STORIES)
+    with pytest.raises(UserError, match=rf"{tmp_path}: 3 weights are stored quantized .*the test needs a float checkpoint"):
+        require_float(path, "the test")
+
+
 def test_quant_read_and_cat(tmp_path, quant_weights):
     r = CheckpointReader(_quant_checkpoint(tmp_path, quant_weights, TYPES))
     assert [r.quant_type(n) for n in TYPES] == list(TYPES.values()) and r.quant_type("model.norm.weight") is None
