@@ -161,15 +161,17 @@ def fix_modes(root: Path, umask: int | None = None) -> None:
             os.chmod(p, (0o666 | (os.stat(p).st_mode & 0o111)) & ~umask)
 
 
-def _writable_parent(target: Path) -> Path:
-    parent = target.parent
+def writable_dir(path: Path, label: str, hint: str = "") -> Path:
+    """``path`` as a directory this process can write (created if need be), else a UserError:
+    ``label`` names it after the path (``{path}: cannot create {label}``), ``hint`` ends the message."""
+    hint = f"; {hint}" if hint else ""
     try:
-        parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"{target}: cannot create its parent directory {parent} ({e.strerror})") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{target}: the directory {parent} is not writable")
-    return parent
+        raise UserError(f"{path}: cannot create {label} ({e.strerror}){hint}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: {label} is not writable{hint}")
+    return path
 
 
 @contextlib.contextmanager
@@ -182,7 +184,7 @@ def install_dir(target, *, replace: bool = False, inputs=()):
     ``UserError`` naming the target.
     """
     target = check_target(target, replace=replace, inputs=inputs)
-    parent = _writable_parent(target)
+    parent = writable_dir(target.parent, f"the parent directory of {target}")
     remove_stale(parent)
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"
     tmp = parent / f".{target.name}.sublayer-tmp-{tag}"

@@ -21,6 +21,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from model.atomic import writable_dir
 from model.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -67,7 +68,7 @@ def ensure_default_model(name: str = DEFAULT_MODEL, *, show_progress: bool = Tru
     out = default_model_dir(name)
     if (out / "config.json").is_file():
         return out.resolve()
-    _check_cache_writable(cache_root())
+    writable_dir(cache_root(), "the model cache", "set SUBLAYER_CACHE to a writable directory")
 
     from model.gguf import import_gguf
 
@@ -83,17 +84,6 @@ def ensure_default_model(name: str = DEFAULT_MODEL, *, show_progress: bool = Tru
                 return out.resolve()
             raise
     return out.resolve()
-
-
-def _check_cache_writable(root: Path) -> None:
-    """The cache root exists (created if need be) and can be written, else a UserError naming it."""
-    hint = "set SUBLAYER_CACHE to a writable directory"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{root}: cannot create the model cache ({e.strerror}); {hint}") from None
-    if not os.access(root, os.W_OK | os.X_OK):
-        raise UserError(f"{root}: the model cache is not writable; {hint}")
 
 
 def _installed_gguf() -> Path | None:

@@ -66,7 +66,7 @@ def test_out_may_not_touch_inputs(tmp_path):
 def test_unwritable_parent(tmp_path):
     afile = tmp_path / "file"
     afile.write_text("x")
-    with pytest.raises(UserError, match=r"file/sub/out: cannot create its parent directory"):
+    with pytest.raises(UserError, match=r"file/sub: cannot create the parent directory of .*file/sub/out"):
         with install_dir(afile / "sub" / "out"):
             pass
     with pytest.raises(UserError, match="exists and is not a directory"):

@@ -132,7 +132,7 @@ def test_unwritable_locations(scratch, ckpt, tiny_gguf_bytes):
                 bound_by_permissions=True), ro / "cache", "SUBLAYER_CACHE")
     assert snapshot(scratch) == before
     # a parent that is a file: refused for anyone
-    refused(cli(*export_args(ckpt, gguf / "out")), gguf / "out", "cannot create its parent directory")
+    refused(cli(*export_args(ckpt, gguf / "out")), gguf / "out", "cannot create the parent directory of")
     assert snapshot(scratch) == before
 
 
