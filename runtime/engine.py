@@ -13,6 +13,7 @@ step's fused add+norm.
 """
 
 import copy
+import ctypes
 import sys
 import weakref
 from dataclasses import dataclass
@@ -106,6 +107,15 @@ def warn_if_degenerate(schedule: Schedule, out=None):
         print(f"warning: plan {plan.name!r} keeps no attention sublayer: what remains is "
               f"{len(schedule.steps)} MLP sublayer(s) (layers {', '.join(map(str, plan.kept_mlp))}); no token "
               f"sees another", file=out)
+
+
+def release_freed_memory():
+    """Hand freed heap pages back to the OS: glibc keeps the float temporaries of load-time quantization
+    otherwise (SmolLM2 int8: 962 MiB resident after load, 538 after this)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def load(model=None, plan=None, dtype="auto", device="auto", max_seq_len=None, show_progress=True,
@@ -227,6 +237,8 @@ class Engine:
                                               read(p + "mlp.down_proj.weight")))
         self.names_read = rd.names_read
         rd.close()  # drop the memory maps: everything needed is copied into owned tensors
+        if q is not None and q.kind is not None:
+            release_freed_memory()
 
     def _resolve_stored(self, rd) -> QuantScheme | None:
         """The engine's scheme with the weights ``rd``'s checkpoint stores quantized (GGUF blocks kept;
