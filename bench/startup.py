@@ -5,7 +5,8 @@
    and llama.cpp's Python binding on the f32 GGUF (when ``llama_cpp`` is importable and the GGUF is in
    ``$SUBLAYER_CACHE/gguf/``): 16 and 64 new tokens, bfloat16 and float32, ours with a warm compile
    cache and a cold one (an empty compile cache and an empty inductor cache), each configuration
-   ``--repeats`` times round-robin; the median and the spread (min-max).
+   ``--repeats`` times round-robin; the median and the spread (min-max). The transformers script runs
+   as a user runs it (libgomp's default spinning wait) and with ``OMP_WAIT_POLICY=PASSIVE`` as ours.
 2. Decode step times with one competing busy process: a bounded CPU burner (a Python loop that exits
    by itself) started and stopped by the bench, ``--steps`` decode steps timed alone in a fresh
    process per setting: 1 and 2 threads, OpenMP waits that spin (libgomp's default,
@@ -116,8 +117,13 @@ def wall_times(args, model_dir: Path, gguf: Path | None) -> list[dict]:
                     "--dtype", dtype]
             configs.append({"impl": "sublayer CLI, warm cache", "dtype": dtype, "tokens": n, "cmd": base, "cold": False})
             configs.append({"impl": "sublayer CLI, cold cache", "dtype": dtype, "tokens": n, "cmd": base, "cold": True})
-            configs.append({"impl": "transformers script (HF eager, sdpa)", "dtype": dtype, "tokens": n,
-                            "cmd": [sys.executable, "-c", HF_SCRIPT, str(model_dir), str(n), dtype, PROMPT], "cold": False})
+            hf = [sys.executable, "-c", HF_SCRIPT, str(model_dir), str(n), dtype, PROMPT]
+            if "peers" in args.skip:
+                continue
+            configs.append({"impl": "transformers script (HF eager, sdpa)", "dtype": dtype, "tokens": n, "cmd": hf,
+                            "cold": False})
+            configs.append({"impl": "transformers script, OMP_WAIT_POLICY=PASSIVE", "dtype": dtype, "tokens": n,
+                            "cmd": hf, "cold": False, "env": POLICIES["passive"]})
             if gguf is not None and dtype == "float32":
                 configs.append({"impl": "llama.cpp (python binding, f32 GGUF)", "dtype": dtype, "tokens": n,
                                 "cmd": [sys.executable, "-c", LLAMA_CPP_SCRIPT, str(gguf), str(n),
@@ -127,7 +133,7 @@ def wall_times(args, model_dir: Path, gguf: Path | None) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="sublayer-startup-") as tmp:
         for r in range(args.repeats):
             for i, c in enumerate(configs):
-                env = clean_env()
+                env = clean_env(**c.get("env", {}))
                 if c["cold"]:
                     env.update(cold_cache_env(Path(tmp) / f"cold-{r}-{i}", model_dir))
                 c["load"].append(load_average())
@@ -137,6 +143,7 @@ def wall_times(args, model_dir: Path, gguf: Path | None) -> list[dict]:
                 print(f"  {c['impl']:40s} {c['dtype']:8s} {c['tokens']:3d} tokens: {wall:6.2f} s "
                       f"(load average {c['load'][-1]})", file=sys.stderr, flush=True)
     for c in configs:
+        c.pop("env", None)
         del c["cmd"]
         c["median_s"] = statistics.median(c["walls"])
     return configs
@@ -229,7 +236,7 @@ def main(argv=None) -> int:
     p.add_argument("--step-budget", type=float, default=90,
                    help="seconds of decode steps per contention run at most (fewer steps are then timed)")
     p.add_argument("--burn-limit", type=int, default=600, help="seconds after which the burner exits by itself")
-    p.add_argument("--skip", default="", help="comma list of parts to skip: wall, steps")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: wall, steps, peers (the transformers and llama.cpp runs)")
     p.add_argument("--out", default="bench/results/startup")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.steps < 10:

@@ -37,8 +37,9 @@ PACKAGE, KEY_FILE = "step.pt2", "key.json"
 # The sources whose code is compiled into a CPU step (the kernels' torch references it calls): a change
 # to any of them makes every entry stale. A step that calls into another file must list it here; a
 # change to this file that changes what is exported bumps FORMAT.
-_SOURCES = ("runtime/step.py", "runtime/fast_decode.py", "model/quant.py", "kernels/rmsnorm.py", "kernels/rotary.py",
+_SOURCES = ("runtime/step.py", "runtime/fast_decode.py", "kernels/rmsnorm.py", "kernels/rotary.py",
             "kernels/activation.py", "kernels/dispatch.py")
+_QUANT_SOURCES = ("model/quant.py",)  # only for steps that take quantized weights
 _ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -48,9 +49,9 @@ def cache_dir() -> Path:
 
 
 @functools.cache
-def _code_hash() -> str:
+def _code_hash(quant: bool) -> str:
     h = hashlib.sha256()
-    for name in _SOURCES:
+    for name in _SOURCES + (_QUANT_SOURCES if quant else ()):
         p = _ROOT / name
         h.update(name.encode() + b"\0" + (p.read_bytes() if p.exists() else b""))
     return h.hexdigest()[:16]
@@ -71,9 +72,9 @@ def _cpu() -> str:
             f"{hashlib.sha256(flags.encode()).hexdigest()[:8]}")
 
 
-def environment() -> dict:
+def environment(quant: bool = False) -> dict:
     return {"format": FORMAT, "torch": torch.__version__, "cpu": _cpu(), "threads": torch.get_num_threads(),
-            "code": _code_hash()}
+            "code": _code_hash(quant)}
 
 
 class TooSmall(ValueError):
@@ -114,7 +115,7 @@ def _leaf_positions(args: tuple) -> list[int]:
 def entry_path(name: str, key: dict) -> tuple[Path, str]:
     """The entry directory of step ``name`` with call structure ``key`` (from ``describe``) in this
     environment, and the full key as a string."""
-    full = json.dumps({"step": name, "call": key, **environment()}, sort_keys=True)
+    full = json.dumps({"step": name, "call": key, **environment("QuantWeight" in key["spec"])}, sort_keys=True)
     return cache_dir() / f"{name}-{hashlib.sha256(full.encode()).hexdigest()[:16]}", full
 
 
