@@ -26,7 +26,7 @@ def test_results_are_a_table_json_and_plot_without_machine_paths(tmp_path):
     startup.write_results(tmp_path, walls, steps, meta)
     md = (tmp_path / "startup.md").read_text()
     assert "| sublayer CLI, warm cache | bfloat16 | 16 | 5.00 | 4.00-6.00 | 3 | 0.5-0.7 | compile: 0.05 s |" in md
-    assert "| one busy loop | 2 | passive | 14.0 | 40.0 | 30.0 | 1.0 |" in md
+    assert "| one busy loop | 2 | passive | 256 | 14.0 | 40.0 | 30.0 | 1.0 |" in md
     data = json.loads((tmp_path / "startup.json").read_text())
     assert len(data["wall"]) == 3 and len(data["steps"]) == 8
     assert (tmp_path / "startup.png").stat().st_size > 10_000
