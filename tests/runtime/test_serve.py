@@ -263,7 +263,7 @@ def test_api_key(engine):
 
 def test_cli_flag_errors(capsys):
     assert main(["--kv-memory", "lots"]) == 2
-    assert "--kv-memory: expected a positive size" in capsys.readouterr().err
+    assert "--kv-memory: expected a size such as 256M" in capsys.readouterr().err
     assert main(["--model", STORIES, "--kv-memory", "1K", "--max-seq-len", "64", "--no-compile"]) == 2
     assert "hold no sequence of 64 positions" in capsys.readouterr().err
 
