@@ -260,7 +260,7 @@ def stage_quant_matmul(dev, quick):
     import torch.nn.functional as F
 
     from bench.latency import copy_bandwidth
-    from kernels.quant_matmul import quant_matmul_config, quant_matmul_reference, quant_matmul_triton, split_k
+    from kernels.quantized_matmul import quant_matmul_config, quant_matmul_reference, quant_matmul_triton, split_k
     from model.quant import dequantize, quantize
 
     gen = torch.Generator(device=dev).manual_seed(0)

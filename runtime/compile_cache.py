@@ -39,7 +39,7 @@ PACKAGE, KEY_FILE = "step.pt2", "key.json"
 # change to this file that changes what is exported bumps FORMAT.
 _SOURCES = ("runtime/step.py", "runtime/fast_decode.py", "kernels/rmsnorm.py", "kernels/rotary.py",
             "kernels/activation.py", "kernels/dispatch.py")
-_QUANT_SOURCES = ("model/quant.py",)  # only for steps that take quantized weights
+_QUANT_SOURCES = ("model/quant.py", "kernels/quantized_matmul.py")  # only for steps that take quantized weights
 _ROOT = Path(__file__).resolve().parent.parent
 
 

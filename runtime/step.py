@@ -28,11 +28,6 @@ import kernels
 from kernels.dispatch import use_triton
 from model.quant import QuantWeight, dequantize, take_rows
 
-try:
-    from kernels.quant_matmul import quant_matmul
-except ImportError:  # the Triton kernel is optional here: without it every device runs the reference
-    quant_matmul = None
-
 
 def linear(x, w):
     """x: [..., K] @ w [N, K].T -> [..., N] in x's dtype. A QuantWeight runs ``kernels.quant_matmul`` on
@@ -40,9 +35,7 @@ def linear(x, w):
     (prefill and batches dequantize one projection at a time)."""
     if not isinstance(w, QuantWeight):
         return F.linear(x, w)
-    if quant_matmul is not None and use_triton(x):
-        return quant_matmul(x, w)
-    return F.linear(x.float(), dequantize(w, x.dtype).float()).to(x.dtype)
+    return kernels.quant_matmul(x, w)
 
 
 def embedding(tokens, table, dtype):

@@ -12,7 +12,6 @@ the default run compiles a representative subset.
 """
 
 import contextlib
-import importlib
 import io
 import json
 import os
@@ -158,7 +157,7 @@ def test_compiles_without_spills_sweep(capsys, model, dtype_name, arch):
     check_model(capsys, model, dtype_name, arch)
 
 
-# ---- kernels/quant_matmul.py: every projection of a model, quantized, as the runtime launches it --------
+# ---- kernels/quantized_matmul.py: every projection of a model, quantized, as the runtime launches it --------
 QUANT_SCHEMES = {"int8": ("int8", None), "q8_0": ("int8", 32), "int4-g32": ("int4", 32),
                  "int4-g64": ("int4", 64), "int4-g128": ("int4", 128)}
 QUANT_ROWS = (1, 8, 512)  # decode at batch 1 and 8, a prefill chunk
@@ -169,7 +168,7 @@ def quant_launches(model: str, dtype: torch.dtype, scheme: str, rows=QUANT_ROWS)
     """quant_matmul's launches (recorded on meta tensors) for the fused qkv, o, fused gate/up, down and
     LM-head projections of ``model`` quantized as ``scheme``, at each number of ``rows``; one launch
     per distinct JIT key (the same binary is compiled once)."""
-    qm = importlib.import_module("kernels.quant_matmul")  # the module (``kernels.quant_matmul`` is the function)
+    import kernels.quantized_matmul as qm
     from model.quant import QuantWeight
 
     m = LAUNCH_MODELS[model]

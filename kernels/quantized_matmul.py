@@ -15,8 +15,7 @@ weight is then rounded to x's dtype (bf16/fp16: as a float model of that dtype s
 product and the sum are float32. Split-K writes float32 partial sums and a second kernel adds them in
 a fixed order: no atomics, so a CUDA-graph replay equals a plain launch bit for bit.
 
-``kernels.quant_matmul`` is the function (exported by ``kernels/__init__.py``); this module is
-``importlib.import_module("kernels.quant_matmul")`` or ``from kernels.quant_matmul import ...``.
+``kernels.quant_matmul`` is the function (exported by ``kernels/__init__.py``).
 """
 
 import torch

@@ -3,17 +3,16 @@ channel and in groups of 32 (GGUF Q8_0), int4 in groups of 32/64/128 with offset
 decode (1..8 rows, split-K included) and prefill row counts. Under the Triton interpreter on CPU
 (float32 and float16: the interpreter's bfloat16 dot is wrong), natively on a GPU (bfloat16 too)."""
 
-import importlib
 
 import pytest
 import torch
 
 import kernels
-from kernels.quant_matmul import quant_matmul_config, quant_matmul_reference
+from kernels.quantized_matmul import quant_matmul_config, quant_matmul_reference
 from model.quant import QuantWeight, pack_int4, quantize
 from tests.kernels.kernel_testing import DEVICE, DTYPES, ELEMENTWISE_TOL, assert_close, randn, rel_err, triton_path
 
-qm = importlib.import_module("kernels.quant_matmul")  # the module (``kernels.quant_matmul`` is the function)
+import kernels.quantized_matmul as qm
 SCHEMES = {"int8": ("int8", None), "q8_0": ("int8", 32), "int4-g32": ("int4", 32), "int4-g64": ("int4", 64),
            "int4-g128": ("int4", 128)}
 
