@@ -163,11 +163,26 @@ def test_stale_temporaries_removed_by_next_run(scratch, ckpt, tiny_gguf_bytes):
     assert sorted(p.name for p in scratch.iterdir()) == ["ckpt", "exp", "imp", "x.gguf"]
 
 
+# Runs module argv[1] with the rest as its arguments, every os.rename a second late: on an idle machine
+# SmolLM2 is written in a quarter of a second, so without the delay the signal could land after the
+# output is installed (rc 0) and the test would depend on the machine's speed.
+SLOW_INSTALL = """import os, runpy, sys, time
+rename = os.rename
+def late_rename(*args, **kwargs):
+    time.sleep(1)
+    return rename(*args, **kwargs)
+os.rename = late_rename
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
 def interrupt_when_writing(args, parent: Path, target: str):
-    """Start a CLI, send SIGINT once its temporary directory exists, return the finished process."""
+    """Start a CLI (its renames slowed: ``SLOW_INSTALL``), send SIGINT once its temporary directory
+    exists, return the finished process."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_INSTALL, *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not list(parent.glob(f".{target}.sublayer-tmp-*")):
         assert proc.poll() is None, proc.communicate()
