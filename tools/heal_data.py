@@ -20,7 +20,6 @@ import torch
 from tqdm import tqdm
 
 from model.errors import UserError, cli_main
-from runtime.sampling import sample
 from runtime.scheduler import Scheduler
 
 PROMPTS = Path(__file__).resolve().parent / "heal_prompts.txt"
@@ -110,7 +109,7 @@ def self_generate(model, samples: int, prompts_path=PROMPTS, max_new_tokens: int
 
     Generation is continuous batching (``runtime.scheduler``): ``slots`` rows decode together and a row
     that reaches EOS takes the next prompt at once, so no step is spent on finished rows; top-p sampling
-    looks for the nucleus in the top ``TOP_CANDIDATES`` tokens first (``nucleus_topk``). Sample i has its
+    looks for the nucleus in the top tokens first (``runtime.sampling.nucleus_topk``). Sample i has its
     own generator seeded ``seed * 2**32 + i`` (its tokens do not depend on which samples share the batch,
     up to the batch's float rounding), so ``slots`` is not part of the cache key. Files hold ``SHARD``
     samples each (``shard-NNNNN.jsonl``, written to a temporary file and renamed when all of its samples
@@ -154,44 +153,6 @@ def _has_chat_template(checkpoint: Path) -> bool:
     return bool(Tokenizer(checkpoint, config.bos_token_id, config.eos_token_ids).chat_template)
 
 
-TOP_CANDIDATES = 1024  # tokens the fast nucleus sampler sorts (the rest only when they are needed)
-
-
-def nucleus_topk(logits: torch.Tensor, temperature: float, top_p: float, k: int = TOP_CANDIDATES):
-    """The nucleus of ``runtime.sampling.sample`` (the smallest prefix of the tokens by probability whose
-    mass reaches ``top_p``) found among the top ``k`` only. logits [B, V] -> (ids [B, k], weights [B, k]
-    (the kept tokens' probabilities, 0 elsewhere), covered [B] bool: the nucleus lies in the top k, so
-    sampling ``ids`` by ``weights`` is exactly ``sample``'s distribution; rows not covered need the full sort).
-    Sorting a 49k vocabulary for every row costs more than the model's decode step on CPU; ``topk`` does not."""
-    scaled = logits.float() / temperature
-    vals, ids = torch.topk(scaled, min(k, scaled.shape[-1]), dim=-1)
-    probs = (vals - torch.logsumexp(scaled, -1, keepdim=True)).exp()
-    before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each one
-    keep = before < top_p
-    covered = ~keep[:, -1] | (vals.shape[-1] == scaled.shape[-1])
-    return ids, probs * keep, covered
-
-
-class NucleusScheduler(Scheduler):
-    """``runtime.scheduler.Scheduler`` whose top-p sampling finds the nucleus by ``nucleus_topk`` (the
-    distribution of ``runtime.sampling.sample``, far fewer tokens sorted), each row with its own generator."""
-
-    def _sample(self, seqs, logits):
-        out = logits.argmax(-1)
-        for i, seq in enumerate(seqs):
-            p = seq.params
-            if p.temperature <= 0:
-                continue
-            covered = False
-            if not p.top_k and p.top_p < 1.0:
-                ids, weights, covered = nucleus_topk(logits[i:i + 1], p.temperature, p.top_p)
-            if covered:
-                out[i] = ids[0, torch.multinomial(weights[0], 1, generator=seq.generator)[0]]
-            else:
-                out[i] = sample(logits[i:i + 1], p.temperature, p.top_k, p.top_p, seq.generator)[0]
-        return out.tolist()
-
-
 def _generate_shards(checkpoint, out: Path, shards: list[int], prompts, max_new_tokens, temperatures, chat_modes,
                      top_p, seed, dtype, slots, progress):
     import threading
@@ -211,7 +172,7 @@ def _generate_shards(checkpoint, out: Path, shards: list[int], prompts, max_new_
             seq.emit = _on_event(seq, i, p, t, chat, eos, rows, done)
             seqs.append(seq)
     longest = max(len(q.prompt_ids) for q in seqs) + max_new_tokens
-    sched = NucleusScheduler(engine, min(slots, len(seqs)), longest, max_queue=len(seqs))
+    sched = Scheduler(engine, min(slots, len(seqs)), longest, max_queue=len(seqs))
     sched.warm_up()
     bar = tqdm(total=len(seqs), desc="self-generate", unit="sample", disable=not progress, file=sys.stderr)
     t0, made, pending = time.perf_counter(), 0, list(shards)
