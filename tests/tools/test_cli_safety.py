@@ -166,7 +166,8 @@ def test_stale_temporaries_removed_by_next_run(scratch, ckpt, tiny_gguf_bytes):
 # Runs module argv[1] with the rest as its arguments, every os.rename a second late: on an idle machine
 # SmolLM2 is written in a quarter of a second, so without the delay the signal could land after the
 # output is installed (rc 0) and the test would depend on the machine's speed.
-SLOW_INSTALL = """import os, runpy, sys, time
+SLOW_INSTALL = """import os, runpy, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job inherits SIGINT ignored
 rename = os.rename
 def late_rename(*args, **kwargs):
     time.sleep(1)
