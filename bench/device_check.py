@@ -295,7 +295,7 @@ def stage_quant_matmul(dev, quick):
         for proj, (N, K) in shapes.items():
             x = x1[K]
             dense = dequantize(weights[model, proj, "int8"], torch.bfloat16)
-            t_dense = graph_time(lambda: F.linear(x, dense))
+            t_dense = graph_time(lambda d=dense: F.linear(x, d))
             nbytes = dense.numel() * 2
             yield (f"{model} {proj} [{N}x{K}] bf16 F.linear: {t_dense * 1e6:7.1f} us "
                    f"{nbytes / t_dense / 1e9:6.0f} GB/s ({nbytes / 2**20:.1f} MiB)")
@@ -324,7 +324,7 @@ def stage_quant_matmul(dev, quick):
     for proj, (N, K) in QUANT_SHAPES[model].items() if not quick else ():
         x = torch.randn(M, K, generator=gen, device=dev).to(torch.bfloat16)
         dense = dequantize(weights[model, proj, "int8"], torch.bfloat16)
-        t_dense = graph_time(lambda: F.linear(x, dense))
+        t_dense = graph_time(lambda d=dense: F.linear(x, d))
         del dense
         line = f"{model} {proj} [{N}x{K}] prefill {M} rows: bf16 F.linear {t_dense * 1e6:.1f} us"
         for scheme in ("int8", "int4-g64"):

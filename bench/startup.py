@@ -10,8 +10,9 @@
 2. Decode step times with one competing busy process: a bounded CPU burner (a Python loop that exits
    by itself) started and stopped by the bench, ``--steps`` decode steps timed alone in a fresh
    process per setting: 1 and 2 threads, OpenMP waits that spin (libgomp's default,
-   ``GOMP_SPINCOUNT=300000``) and that sleep (``OMP_WAIT_POLICY=PASSIVE``, runtime's default), and
-   the idle machine; median, p99 and max.
+   ``GOMP_SPINCOUNT=300000``), that sleep at once (``OMP_WAIT_POLICY=PASSIVE``) and that spin a
+   bounded number of rounds first (``--spin-counts``, runtime's default among them), and the idle
+   machine; median, p99 and max.
 
 Writes ``startup.json``, ``startup.md`` and ``startup.png`` under ``--out``; the load average is
 recorded next to every block (other work on the machine changes everything here).
@@ -78,6 +79,13 @@ print(json.dumps(times[4:]))
 BURNER = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
 
 POLICIES = {"spin": {"GOMP_SPINCOUNT": "300000"}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
+
+
+def policy_env(policy: str) -> dict:
+    """The environment of an OpenMP wait policy: a name of ``POLICIES`` or ``spin N`` (N rounds)."""
+    if policy.startswith("spin "):
+        return {"GOMP_SPINCOUNT": policy.split()[1]}
+    return POLICIES[policy]
 
 
 def load_average() -> float:
@@ -150,7 +158,7 @@ def wall_times(args, model_dir: Path, gguf: Path | None) -> list[dict]:
 
 
 def step_times(args, burner: bool, threads: int, policy: str) -> dict:
-    env = clean_env(**POLICIES[policy])
+    env = clean_env(**policy_env(policy))
     proc = None
     if burner:  # bounded: it exits by itself even if this process dies
         proc = subprocess.Popen([sys.executable, "-c", BURNER.format(seconds=args.burn_limit)])
@@ -236,12 +244,21 @@ def main(argv=None) -> int:
     p.add_argument("--step-dtype", default="bfloat16")
     p.add_argument("--step-budget", type=float, default=90,
                    help="seconds of decode steps per contention run at most (fewer steps are then timed)")
+    p.add_argument("--spin-counts", default="", help="comma list of bounded spin counts (GOMP_SPINCOUNT) to time "
+                   "besides spin (300000, libgomp's default) and passive, e.g. 10000,30000")
     p.add_argument("--burn-limit", type=int, default=600, help="seconds after which the burner exits by itself")
     p.add_argument("--skip", default="", help="comma list of parts to skip: wall, steps, peers (the transformers and llama.cpp runs)")
     p.add_argument("--out", default="bench/results/startup")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.steps < 10:
         raise UserError("--repeats: expected at least 1; --steps: at least 10")
+    try:
+        spins = [int(n) for n in args.spin_counts.split(",") if n.strip()]
+    except ValueError:
+        spins = [-1]
+    if any(n < 0 for n in spins):
+        raise UserError(f"--spin-counts: expected a comma list of non-negative integers, got {args.spin_counts!r}")
+    policies = list(POLICIES) + [f"spin {n}" for n in spins]
     from model.default_model import cache_root, resolve_model
 
     model_dir = resolve_model(None)
@@ -267,7 +284,7 @@ def main(argv=None) -> int:
             for threads in (1, 2):
                 if threads > cores:
                     continue
-                for policy in POLICIES:
+                for policy in policies:
                     steps.append(step_times(args, burner, threads, policy))
     meta["load_at_end"] = load_average()
     write_results(Path(args.out), walls, steps, meta)

@@ -43,8 +43,12 @@ def rope_tables(inv_freq: torch.Tensor, max_pos: int, device=None):
 
 
 def _rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    """cat(-x2, x1) of the halves x1, x2 of the last dimension, written as an index swap and a sign so
+    that a compiler fuses it into its consumer (a cat is materialised: a loop and a barrier more per
+    rotated tensor in each compiled decode step)."""
+    D = x.shape[-1]
+    swapped = x.unflatten(-1, (2, D // 2)).flip(-2).flatten(-2)
+    return torch.where(torch.arange(D, device=x.device) < D // 2, -swapped, swapped)
 
 
 def rotary_write_kv_reference(q, k, v, cos, sin, positions, k_cache, v_cache, cache_start):

@@ -6,9 +6,9 @@
 """
 
 
-from runtime.threads import passive_wait
+from runtime.threads import bounded_spin
 
-passive_wait()  # before torch loads OpenMP (runtime.threads)
+bounded_spin()  # before torch loads OpenMP (runtime.threads)
 
 
 def load(model=None, plan=None, dtype="auto", device="auto", max_seq_len=None, show_progress=True, compile=True,

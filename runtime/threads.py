@@ -1,11 +1,15 @@
-"""Threads: how many a run uses, and an OpenMP that sleeps at a barrier instead of spinning.
+"""Threads: how many a run uses, and an OpenMP wait that neither spins away a busy machine nor sleeps
+away an idle one.
 
 A compiled decode step is a few fused loops per sublayer, each split over the threads with a barrier
-at its end: about 500 barriers per SmolLM2 token. GNU OpenMP's default wait spins up to 300,000
+at its end: about 300 barriers per SmolLM2 token. GNU OpenMP's default wait spins up to 300,000
 rounds (milliseconds) before it sleeps, so when another process holds one of the cores a thread spins
-at every barrier while its partner waits for a core: steps of seconds instead of milliseconds.
-``OMP_WAIT_POLICY=PASSIVE`` makes a waiting thread sleep at once. OpenMP reads it when torch loads it,
-so ``passive_wait()`` runs when ``runtime`` is imported, before torch (an explicit setting wins).
+at every barrier while its partner waits for a core: steps of seconds instead of milliseconds. A wait
+that sleeps at once (``OMP_WAIT_POLICY=PASSIVE``) pays a wake-up at every barrier instead: 1.6x the
+idle step. ``GOMP_SPINCOUNT=3000`` (``SPIN_COUNT``) spins a short while and then sleeps: within 10% of
+the spinning wait on an idle machine and as steady as the sleeping one beside a busy process
+(``bench/results/startup/``). OpenMP reads it when torch loads it, so ``bounded_spin()`` runs when
+``runtime`` is imported, before torch (an explicit setting wins).
 """
 
 import os
@@ -14,14 +18,17 @@ import sys
 from model.errors import UserError
 
 
-def passive_wait() -> bool:
-    """Set ``OMP_WAIT_POLICY=PASSIVE`` unless it (or ``GOMP_SPINCOUNT``) is set or torch is already
-    loaded (then it is too late). Returns whether the policy in effect is this one's default."""
+SPIN_COUNT = 3000  # chosen by `python -m bench.startup --spin-counts ...` on this 2-core machine
+
+
+def bounded_spin() -> bool:
+    """Set ``GOMP_SPINCOUNT=SPIN_COUNT`` unless it or ``OMP_WAIT_POLICY`` is set or torch is already
+    loaded (then it is too late). Returns whether the wait in effect is this one's default."""
     if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         return False
     if "torch" in sys.modules:
         return False
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
     return True
 
 
