@@ -9,8 +9,9 @@ A row is one implementation x plan x dtype x batch x prompt length, measured in 
 its peak memory is its own): prefill of the prompt, then ``--warmup`` + ``--steps`` greedy decode steps,
 each timed alone (``time.perf_counter`` on CPU, CUDA events on GPU). Implementations (``--impls``):
 
-- ``ours``: ``runtime.load`` as users get it: the inductor-compiled decode step on CPU, the decode step
-  captured as a CUDA graph on GPU;
+- ``ours``: ``runtime.load`` as users get it: the inductor-compiled decode step on CPU (from the compile
+  cache, as the CLI runs it: an entry missing is built first, inside the first decode step's time;
+  ``--cold-start jit`` compiles in-process instead), the decode step captured as a CUDA graph on GPU;
 - ``ours-eager``: ``compile=False``, the eager torch reference (CPU) or plain Triton launches (GPU);
 - ``hf-eager``: Hugging Face ``LlamaForCausalLM`` (default attention = sdpa, DynamicCache, no compile)
   with the plan's dropped modules replaced by no-ops (nothing of them runs);
@@ -124,6 +125,9 @@ def load_ours(spec, max_seq_len):
 
     compile = spec["impl"] == "ours"
     from model.quant import parse_label
+    from runtime import fast_decode
+
+    fast_decode.cold_start = spec.get("cold_start", "build")
 
     quant, group_size = parse_label(spec.get("quant", "none"))
     q = {"quant": quant, "group_size": group_size, "quant_head": spec.get("quant_head", False)}
@@ -360,6 +364,9 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=4, help="decode steps before timing")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads on CPU, 1 to the cores this process may use (default: torch's)")
+    p.add_argument("--cold-start", choices=("build", "jit"), default="build",
+                   help="our compiled CPU steps: from the compile cache, built once where missing (default, what "
+                        "the CLI runs), or compiled in-process by torch.compile (jit)")
     p.add_argument("--paired", action="store_true",
                    help="measure our plans of a (dtype, batch, context) in one process, decode steps alternating between "
                         "plans (the fairest plan-vs-full comparison on a noisy machine); HF rows keep a process each")
@@ -410,7 +417,7 @@ def specs_of(args) -> list[dict]:
         load_plan(name, layers)
     specs = [{"impl": impl, "plan": plan, "dtype": dtype, "batch": b, "context": t, "model": args.model,
               "shape": args.shape, "device": args.device, "steps": args.steps, "warmup": args.warmup,
-              "threads": args.threads}
+              "threads": args.threads, "cold_start": args.cold_start}
              for dtype in dtypes for b in int_list(args.batches, "--batches")
              for t in int_list(args.contexts, "--contexts") for plan in plans for impl in impls if impl != "llama.cpp"]
     return specs + llama_cpp_specs(args, impls)
