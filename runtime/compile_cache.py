@@ -130,12 +130,16 @@ class Runner:
         # The loader itself, not torch._inductor.aoti_load_package: importing torch._inductor takes seconds.
         loader = torch._C._aoti.AOTIModelPackageLoader(str(path / PACKAGE), "model", False, 1, -1)
         self._run = loader.run
-        self._out_spec = pytree.treespec_loads(loader.get_call_spec()[1])
-        self._single = self._out_spec.is_leaf()
+        spec = self._out_spec = pytree.treespec_loads(loader.get_call_spec()[1])
+        self._single = spec.is_leaf()
+        # a flat tuple of tensors (the steps' (x, out)): built directly, without the pytree walk per call
+        self._flat_tuple = spec.type is tuple and all(c.is_leaf() for c in spec.children())
 
     def __call__(self, tensors: list):
         out = self._run(tensors)
-        return out[0] if self._single else pytree.tree_unflatten(out, self._out_spec)
+        if self._single:
+            return out[0]
+        return tuple(out) if self._flat_tuple else pytree.tree_unflatten(out, self._out_spec)
 
 
 def load(path: Path, full_key: str, note=None) -> Runner | None:
