@@ -154,7 +154,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--start-fraction", type=float, default=0.5)
-    p.add_argument("--plans", default="full", help="plans for --ppl-windows")
+    p.add_argument("--plans", default="full", help="plans for --ppl-windows (checkpoint: the checkpoint's own, e.g. a "
+                   "healed model's)")
     p.add_argument("--ppl-windows", type=int, default=0, help="held-out perplexity over N windows of 512 (0: skip)")
     p.add_argument("--speed", default=None, help="comma-separated contexts: decode ms/token per scheme and dtype")
     p.add_argument("--projections", action="store_true", help="compiled one-row multiply-reduce per projection")
@@ -214,8 +215,10 @@ def main(argv=None) -> int:
         for plan in [s for s in args.plans.split(",") if s]:
             for label in ["none"] + labels:
                 try:
-                    engine = load(args.model, plan, args.dtype, label, args.quant_head)
-                except UserError:
+                    engine = load(args.model, None if plan == "checkpoint" else plan, args.dtype, label,
+                                  args.quant_head)
+                except UserError as e:
+                    print(f"ppl {plan} {label}: refused: {e}", file=sys.stderr)
                     continue
                 if windows is None:
                     windows = token_windows(engine.tokenizer, WIKITEXT2, 512, args.ppl_windows, 0.5)
