@@ -252,11 +252,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 1 or args.steps < 10:
         raise UserError("--repeats: expected at least 1; --steps: at least 10")
-    try:
-        spins = [int(n) for n in args.spin_counts.split(",") if n.strip()]
-    except ValueError:
-        spins = [-1]
-    if any(n < 0 for n in spins):
+    spins = [n.strip() for n in args.spin_counts.split(",") if n.strip()]
+    if not all(n.isdigit() for n in spins):
         raise UserError(f"--spin-counts: expected a comma list of non-negative integers, got {args.spin_counts!r}")
     policies = list(POLICIES) + [f"spin {n}" for n in spins]
     from model.default_model import cache_root, resolve_model
