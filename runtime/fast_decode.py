@@ -28,12 +28,8 @@ class Steps(collections.namedtuple("Steps", "attention mlp head")):
 EAGER = Steps(step.attention_step, step.mlp_step, step.head_step)
 
 
-# The step functions with the multiply-reduce projection; one Python function each, so that each has
-# its own code object (dynamo keys its compiled variants on it).
-def _attention(*args, **kwargs):
-    return step.attention_step(*args, **kwargs, project=step.multiply_reduce)
-
-
+# The step functions with the multiply-reduce projection (attention: ``_attention_over_cache``); one
+# Python function each, so that each has its own code object (dynamo keys its compiled variants on it).
 def _mlp(*args, **kwargs):
     return step.mlp_step(*args, **kwargs, project=step.multiply_reduce)
 
@@ -45,7 +41,7 @@ def _head(*args, **kwargs):
 _thread = threading.local()
 
 
-def _jit(name, fn, dynamic_cache=False):
+def _jit(name, fn, adapt=None):
     """``fn`` compiled in this process with ``torch.compile`` (the fallback where the compile cache
     cannot serve a call). A process may hold up to 64 variants per function (dynamo's default of 8 is
     too few for a test session that loads many small models; dynamo's config is per thread, so each
@@ -57,9 +53,10 @@ def _jit(name, fn, dynamic_cache=False):
         if run is None:  # torch.compile imports dynamo and inductor (seconds): only when needed
             run = torch.compile(fn, fullgraph=True, dynamic=None)
         CALLS[f"compiled {name} (jit)"] += 1
-        if dynamic_cache:  # the cut K/V caches: one compiled step for every length
-            torch._dynamo.maybe_mark_dynamic(args[5], 2)
-            torch._dynamo.maybe_mark_dynamic(args[6], 2)
+        if adapt is not None:  # the attention step: one compiled step for every cache size and length
+            args = adapt(args)
+            for t, dim in ((args[0], 2), (args[1], 2), (args[2], 0)):
+                torch._dynamo.maybe_mark_dynamic(t, dim)
         if not getattr(_thread, "limit_raised", False):
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             _thread.limit_raised = True
@@ -81,12 +78,14 @@ BUILD_SECONDS = collections.Counter()  # seconds spent building entries, per ste
 
 def _attention_over_cache(k_full, v_full, length, pending, x, norm, qkv, o, cos, sin, positions, index, kv_start,
                           heads, kv_heads, eps, scale):
-    """The attention step over the whole caches [B, Hkv, S, D], cut to ``length.shape[0]`` positions
-    inside (the cut view's strides depend on S, which an exported step cannot take as an input)."""
+    """The attention step over the whole caches [B, Hkv, S, D], attending over the first
+    ``length.shape[0]`` positions (the new K/V written into the whole cache: compiled, a write through
+    a cut view would copy the cut; and the cut's strides depend on S, which an exported step cannot
+    take as an input)."""
     L = length.shape[0]
     torch._check(L <= k_full.shape[2])
-    return step.attention_step(pending, x, norm, qkv, o, k_full[:, :, :L], v_full[:, :, :L], cos, sin, positions,
-                               index, kv_start, heads, kv_heads, eps, scale, project=step.multiply_reduce)
+    return step.attention_step(pending, x, norm, qkv, o, k_full, v_full, cos, sin, positions, index, kv_start,
+                               heads, kv_heads, eps, scale, project=step.multiply_reduce, length=L)
 
 
 _markers = {}
@@ -252,7 +251,7 @@ def compiled_steps() -> Steps:
     attention = {0: cache, 1: cache, 2: {0: "L"}, 3: {0: "B"}, 4: {0: "B"}, 10: {0: "B"}, 11: {0: "B"}, 12: {0: "B"}}
     return Steps(
         CachedStep("attention", _attention_over_cache, attention, _attention_args, step.attention_step,
-                   _jit("attention", _attention, dynamic_cache=True)),
+                   _jit("attention", _attention_over_cache, adapt=_attention_args)),
         CachedStep("mlp", _mlp, rows, same, step.mlp_step, _jit("mlp", _mlp)),
         CachedStep("head", _head, rows, same, step.head_step, _jit("head", _head)))
 

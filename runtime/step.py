@@ -110,13 +110,16 @@ def decode_attention(q, k_cache, v_cache, kv_start, kv_end, scale: float):
 
 
 def attention_step(pending, x, norm, qkv, o, k_cache, v_cache, cos, sin, positions, index, kv_start,
-                   heads: int, kv_heads: int, eps: float, scale: float, project=linear, prefill_start=None):
+                   heads: int, kv_heads: int, eps: float, scale: float, project=linear, prefill_start=None,
+                   length=None):
     """pending, x: [B, T, H] the last sublayer's output (zeros or None before the first) and the residual
     stream; norm: [H]; qkv: [(Hq + 2 Hkv) D, H]; o: [H, Hq D]; k_cache, v_cache: [B, Hkv, S, D];
     cos, sin: [P, D] tables; positions: [B, T] rotary positions; index: [B] int64 cache index of each
     row's first token; kv_start: [B] int32 first valid cache index (left padding). Decode (T = 1):
     attention over the cache under a mask. ``prefill_start`` (an int, eager only): the chunk starts at
-    that cache index in every row and attends causally (``kernels.prefill_attention``).
+    that cache index in every row and attends causally (``kernels.prefill_attention``). ``length``
+    (decode): attend over the first ``length`` cache positions only, the new K/V written into the
+    whole cache (compiled, a write through a cut view would copy the cut twice per step).
     Returns (x, attention output [B, T, H])."""
     B, T = x.shape[:2]
     D = k_cache.shape[-1]
@@ -126,7 +129,10 @@ def attention_step(pending, x, norm, qkv, o, k_cache, v_cache, cos, sin, positio
     q = kernels.rotary_write_kv(q.view(B, T, heads, D), k.view(B, T, kv_heads, D), v.view(B, T, kv_heads, D),
                                 cos, sin, positions, k_cache, v_cache, index)
     if prefill_start is None:
-        out = decode_attention(q[:, 0], k_cache, v_cache, kv_start, (index + 1).to(kv_start.dtype), scale)
+        if length is not None:
+            k_cache, v_cache = k_cache[:, :, :length], v_cache[:, :, :length]
+        # the rotated query stored once (inlined, it would be recomputed for every key it meets)
+        out = decode_attention(_stored(q[:, 0]), k_cache, v_cache, kv_start, (index + 1).to(kv_start.dtype), scale)
     else:
         out = kernels.prefill_attention(q, k_cache, v_cache, prefill_start, kv_start, scale)
     return x, project(out.reshape(B, T, heads * D), o)
