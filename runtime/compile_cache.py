@@ -39,7 +39,9 @@ PACKAGE, KEY_FILE = "step.pt2", "key.json"
 # change to this file that changes what is exported bumps FORMAT.
 _SOURCES = ("runtime/step.py", "runtime/fast_decode.py", "kernels/rmsnorm.py", "kernels/rotary.py",
             "kernels/activation.py", "kernels/dispatch.py")
-_QUANT_SOURCES = ("model/quant.py", "kernels/quantized_matmul.py")  # only for steps that take quantized weights
+# Only for steps that take quantized weights; their code also depends on whether the C++ kernel is built.
+_QUANT_SOURCES = ("model/quant.py", "kernels/quantized_matmul.py", "kernels/quant_gemv_cpu.py",
+                  "kernels/quant_gemv_cpu.cpp")
 _ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -54,11 +56,15 @@ def _code_hash(quant: bool) -> str:
     for name in _SOURCES + (_QUANT_SOURCES if quant else ()):
         p = _ROOT / name
         h.update(name.encode() + b"\0" + (p.read_bytes() if p.exists() else b""))
+    if quant:  # built and loaded now, before any package that calls it is loaded or built
+        from kernels import quant_gemv_cpu
+
+        h.update(b"quant_gemv" if quant_gemv_cpu.available() else b"loop")
     return h.hexdigest()[:16]
 
 
 @functools.cache
-def _cpu() -> str:
+def cpu_key() -> str:
     """The vector ISA torch dispatches to and a hash of the CPU's feature flags."""
     flags = ""
     try:
@@ -73,7 +79,7 @@ def _cpu() -> str:
 
 
 def environment(quant: bool = False) -> dict:
-    return {"format": FORMAT, "torch": torch.__version__, "cpu": _cpu(), "threads": torch.get_num_threads(),
+    return {"format": FORMAT, "torch": torch.__version__, "cpu": cpu_key(), "threads": torch.get_num_threads(),
             "code": _code_hash(quant)}
 
 

@@ -18,13 +18,15 @@ passes ``multiply_reduce``, which inductor turns into a fused loop that streams 
 as fast as a GEMV. A quantized projection plugs in here, and nothing else of the step changes: ``w``
 may be a ``model.quant.QuantWeight`` (``runtime.load(..., quant=...)``), which ``linear`` runs with the
 Triton kernel on CUDA (``kernels.quant_matmul``) and as dequantize-then-matmul elsewhere (the
-reference), and ``multiply_reduce`` as a fused dequantize-multiply-reduce loop for one row.
+reference), and ``multiply_reduce`` for one row with the C++ kernel ``kernels.quant_gemv_cpu`` (or,
+where it cannot be built, inductor's fused dequantize-multiply-reduce loop).
 """
 
 import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels import quant_gemv_cpu
 from kernels.dispatch import use_triton
 from model.quant import QuantWeight, dequantize, take_rows
 
@@ -83,11 +85,16 @@ def _stored(x):
 def multiply_reduce(x, w):
     """x: [B, 1, K], w: [N, K] -> [B, 1, N]: one row as a multiply-reduce (inductor's fused loop); more
     rows as a GEMM, which re-reads each weight row less often than B reduction passes would. A
-    QuantWeight: ``quant_multiply_reduce`` for one row, ``linear`` (dequantize, then a GEMM) for more."""
+    QuantWeight: one row with ``kernels.quant_gemv_cpu`` where it is built (else the fused loop
+    ``quant_multiply_reduce``), ``linear`` (dequantize, then a GEMM) for more."""
     if x.shape[0] * x.shape[1] == 1:
         x = _stored(x)
         if isinstance(w, QuantWeight):
-            return quant_multiply_reduce(x.reshape(-1), w).to(x.dtype).view(1, 1, -1)
+            if x.device.type == "cpu" and quant_gemv_cpu.available():
+                y = quant_gemv_cpu.quant_gemv(x.reshape(-1).float().contiguous(), w)
+            else:
+                y = quant_multiply_reduce(x.reshape(-1), w)
+            return y.to(x.dtype).view(1, 1, -1)
         return (x.unsqueeze(-2) * w).sum(-1)
     return linear(x, w)
 

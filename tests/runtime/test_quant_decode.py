@@ -15,6 +15,7 @@ import runtime
 from bench.hf_reference import STORIES, make_tiny_llama
 from model.errors import UserError
 from model.quant import QuantWeight, dequantize, quantize
+from kernels import quant_gemv_cpu
 from runtime import step
 from runtime.engine import AttentionWeights
 
@@ -83,8 +84,22 @@ def loaded_bytes(engine):
 CASES = [("int8", None, True), ("int8", 32, True), ("int4", 32, True), ("int4", 64, True), ("int4", 64, False)]
 
 
+@pytest.fixture(params=["kernel", "loop"])
+def one_row_path(request, monkeypatch):
+    """A one-row quantized projection through the C++ kernel (where this CPU builds it), or through
+    inductor's fused loop (the fallback elsewhere)."""
+    if request.param == "kernel":
+        if not quant_gemv_cpu.available():
+            pytest.skip("the C++ kernel does not build on this CPU")
+    else:
+        monkeypatch.setattr(quant_gemv_cpu, "_available", False)
+    torch._dynamo.reset()  # the answer is a constant to a compiled step: compile again for each path
+    yield request.param
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("kind,group,offset", CASES)
-def test_multiply_reduce_equals_dequantize_then_matmul(kind, group, offset):
+def test_multiply_reduce_equals_dequantize_then_matmul(kind, group, offset, one_row_path):
     g = torch.Generator().manual_seed(0)
     w = quantize(torch.randn(96, 192, generator=g) * 0.05, kind, group)
     if not offset:  # int4 without offset (the format allows it)
@@ -102,7 +117,7 @@ def test_multiply_reduce_equals_dequantize_then_matmul(kind, group, offset):
 
 
 @pytest.mark.parametrize("kind,group", [("int8", None), ("int4", 32)])
-def test_compiled_multiply_reduce_equals_the_reference(kind, group):
+def test_compiled_multiply_reduce_equals_the_reference(kind, group, one_row_path):
     g = torch.Generator().manual_seed(1)
     w = quantize(torch.randn(80, 128, generator=g) * 0.05, kind, group)
     x = torch.randn(1, 1, 128, generator=g)
