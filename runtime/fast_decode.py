@@ -16,6 +16,7 @@ import weakref
 
 import torch
 
+from model.quant import QuantWeight
 from runtime import step
 
 CALLS = collections.Counter()
@@ -128,7 +129,7 @@ class CachedStep:
         # batch 1 has its own code (one-row projections are multiply-reduce loops); 2 rows and more share one
         self.dynamic = {1: {p: {d: n for d, n in dims.items() if n != "B"} for p, dims in dynamic.items()},
                         2: dynamic}
-        self._fast = {}  # (id(layer norm weight), x shape, x dtype, threads) -> (weakref, run(args))
+        self._fast = {}  # (id(first weight), x shape, x dtype, threads) -> (weakref, run(args))
         self._entries = {}  # entry path -> run(args): one loaded package per process, shared by the layers
         self._pending = {}  # fast key -> entry path being built in the background
         self._lock = threading.Lock()
@@ -136,11 +137,15 @@ class CachedStep:
     def __call__(self, *args, **kwargs):
         if any(v is not None for v in kwargs.values()):  # prefill_start: not a decode step
             return self.eager(*args, **kwargs)
-        x, anchor = args[1], args[2]
+        # Keyed on the step's first weight (a layer's; a QuantWeight by its data), which fixes the call's
+        # structure: engines may share other tensors (norms) while their weights differ in kind.
+        x, anchor = args[1], args[3]
+        if isinstance(anchor, QuantWeight):
+            anchor = anchor.data
         fk = (id(anchor), x.shape, x.dtype, torch.get_num_threads())
         hit = self._fast.get(fk)
         if hit is None or hit[0]() is not anchor:
-            hit = self._resolve(fk, args)
+            hit = self._resolve(fk, anchor, args)
         return hit[1](args)
 
     def _aot(self, runner):
@@ -153,7 +158,7 @@ class CachedStep:
         CALLS[f"eager {self.name}"] += 1
         return self.eager(*args)
 
-    def _resolve(self, fk, args):
+    def _resolve(self, fk, anchor, args):
         from runtime import compile_cache
 
         with self._lock:
@@ -188,7 +193,7 @@ class CachedStep:
                         if path not in self._pending.values():
                             _background(lambda: self._finish(path, full, xargs, dynamic))
                         self._pending[fk] = path
-            entry = self._fast[fk] = (weakref.ref(args[2]), run)
+            entry = self._fast[fk] = (weakref.ref(anchor), run)
             return entry
 
     def _build(self, path, full, xargs, dynamic):

@@ -66,6 +66,7 @@ def test_the_compiled_step_calls_the_kernel():
     (lambda x, w: (x, w.data[:, :32], w.scale, None, 32), "data must be"),
     (lambda x, w: (x, w.data, w.scale, None, 24), "bad group size"),
     (lambda x, w: (x, w.data, w.scale.float(), None, 32), "scale must be float16"),
+    (lambda x, w: (x, w.data, w.scale, w.scale, 32), "int8 weights have no offset"),
 ])
 def test_bad_arguments_are_refused(bad, message):
     w = quantize(torch.randn(8, 64), "int8", 32)

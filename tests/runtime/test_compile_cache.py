@@ -198,3 +198,28 @@ def test_load_sets_the_threads():
         assert torch.get_num_threads() == allowed_cores()
     finally:
         torch.set_num_threads(n)
+
+
+def test_engines_sharing_norms_but_not_weight_kinds_get_their_own_entries(monkeypatch):
+    """A quantized engine and its dequantized twin (the twin shares the norm tensors): each call runs
+    the entry of its own structure (the fast path was once keyed on the norm and ran the other's)."""
+    from model.quant import quantize
+
+    loaded = []
+
+    def fake_load(path, full):  # a loaded entry that returns how many tensor leaves it was given
+        loaded.append(path.name)
+        return lambda tensors: (tensors[1], torch.full_like(tensors[1], len(tensors)))
+
+    monkeypatch.setattr(compile_cache, "load", fake_load)
+    step = fast_decode.CachedStep("mlp", None, {0: {0: "B"}, 1: {0: "B"}}, lambda a: a, None, None)
+    norm = torch.ones(64)
+    x = torch.randn(1, 1, 64)
+    w = quantize(torch.randn(128, 64), "int8"), quantize(torch.randn(64, 64), "int8")
+    floats = torch.randn(128, 64), torch.randn(64, 64)
+    _, quant_leaves = step(torch.zeros_like(x), x, norm, *w, 1e-5)
+    _, float_leaves = step(torch.zeros_like(x), x, norm, *floats, 1e-5)
+    assert len(set(loaded)) == 2  # two structures, two entries
+    assert int(quant_leaves.flatten()[0]) == 7 and int(float_leaves.flatten()[0]) == 5  # x, pending, norm + weights
+    _, again = step(torch.zeros_like(x), x, norm, *w, 1e-5)
+    assert int(again.flatten()[0]) == 7 and len(loaded) == 2
