@@ -16,6 +16,19 @@ inline __m512 int8x16(const int8_t* p) {
 
 inline float half_to_float(const at::Half h) { return _cvtsh_ss(h.x); }
 
+// Rows are read in order, each thread its own range: every row asks for the lines PREFETCH_BYTES
+// further on (the hardware prefetchers stop at 4 KiB page boundaries and start cold at every call; on
+// SmolLM2 with int8 weights a decode step takes about 0.75x the time with it), and for the float16
+// scales (and offsets) as many rows ahead.
+constexpr int64_t PREFETCH_BYTES = 2048;
+
+inline void prefetch_ahead(const void* row, int64_t row_bytes, const at::Half* group_row, int64_t rows_ahead,
+                           int64_t G) {
+  for (int64_t i = 0; i < row_bytes; i += 64)
+    _mm_prefetch(static_cast<const char*>(row) + PREFETCH_BYTES + i, _MM_HINT_T0);
+  if (group_row) _mm_prefetch(reinterpret_cast<const char*>(group_row + rows_ahead * G), _MM_HINT_T0);
+}
+
 // int8: x_g . w_g for group g of one row as 16 partial sums (no horizontal add per group: groups of 32
 // would spend more on it than on their multiply-adds), with up to four independent accumulators (one
 // would wait on the adder's latency). Inputs past the last full vector (GS % 16) go into ``tail``.
@@ -40,11 +53,12 @@ inline __m512 int8_group_dot(const int8_t* r, const float* x, int64_t group_size
 template <int64_t FIXED_GS>
 void int8_rows(const float* x, const int8_t* data, const at::Half* scale, float* y, int64_t N, int64_t K,
                int64_t GS) {
-  const int64_t G = K / GS;
+  const int64_t G = K / GS, rows_ahead = PREFETCH_BYTES / K + 1;
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < N; ++n) {
     const int8_t* row = data + n * K;
     const at::Half* s = scale + n * G;
+    prefetch_ahead(row, K, s, rows_ahead, G);
     __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps();  // even and odd groups: two chains
     float acc = 0.f;
     for (int64_t g = 0; g < G; ++g) {
@@ -76,11 +90,13 @@ inline void int4_block(const uint8_t* p, const float* x, __m512 lut, __m512& a, 
 template <int64_t FIXED_GS>
 void int4_rows(const float* x, const uint8_t* data, const at::Half* scale, const at::Half* offset, float* y,
                int64_t N, int64_t K, int64_t group_size) {
-  const int64_t GS = FIXED_GS ? FIXED_GS : group_size, G = K / GS;
+  const int64_t GS = FIXED_GS ? FIXED_GS : group_size, G = K / GS, rows_ahead = PREFETCH_BYTES / (K / 2) + 1;
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < N; ++n) {
     const uint8_t* row = data + n * (K / 2);
+    prefetch_ahead(row, K / 2, scale + n * G, rows_ahead, G);
+    if (offset) prefetch_ahead(row, 0, offset + n * G, rows_ahead, G);
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; ++g) {
       const float m = offset ? half_to_float(offset[n * G + g]) : 0.f;
