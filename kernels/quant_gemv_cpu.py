@@ -89,8 +89,8 @@ def _build_and_load() -> bool:
         torch.ops.load_library(str(path))
         return True
     except (OSError, subprocess.CalledProcessError, UserError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        print(f"sublayer: cannot build the CPU quantized kernel ({detail.strip().splitlines()[-1:] or ''}); "
+        lines = (getattr(e, "stderr", "") or str(e)).strip().splitlines()
+        print(f"sublayer: cannot build the CPU quantized kernel ({lines[-1] if lines else type(e).__name__}); "
               f"quantized projections use the compiled loop instead", file=sys.stderr)
         return False
 

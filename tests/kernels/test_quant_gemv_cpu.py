@@ -24,6 +24,16 @@ def test_builds_and_loads_on_this_cpu():
     assert quant_gemv_cpu.library_path().is_file()
 
 
+def test_a_failed_build_falls_back_with_one_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("SUBLAYER_CACHE", str(tmp_path))
+    monkeypatch.setattr(quant_gemv_cpu, "_available", None)
+    monkeypatch.setattr(quant_gemv_cpu, "_build_command", lambda out: ["sh", "-c", "echo 'no compiler here' >&2; exit 1"])
+    assert quant_gemv_cpu.available() is False and quant_gemv_cpu.available() is False  # asked once
+    err = capsys.readouterr().err
+    assert err.count("cannot build the CPU quantized kernel (no compiler here)") == 1
+    assert not any(tmp_path.rglob("*.so"))  # nothing half-installed
+
+
 # (kind, group, N, K, offset): per channel (group None) with K not a multiple of 16 (the scalar tail) or
 # of 64; GGUF's blocks of 32 (the unrolled path); groups of 4 (int8: no vector loop at all); 4-bit with
 # and without offsets; a single row.
