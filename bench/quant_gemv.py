@@ -11,7 +11,6 @@ Prints a markdown table: medians over the processes of each one's mean time per 
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -70,7 +69,7 @@ def worker(variant: str, quant: str, context: int, steps: int) -> dict:
 
 def run_worker(variant, quant, context, steps) -> dict:
     out = subprocess.run([sys.executable, "-m", "bench.quant_gemv", "--worker", variant, quant, str(context),
-                          str(steps)], capture_output=True, text=True, cwd=os.getcwd())
+                          str(steps)], capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"worker {variant} {quant} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -22,11 +22,10 @@ inline float half_to_float(const at::Half h) { return _cvtsh_ss(h.x); }
 // scales (and offsets) as many rows ahead.
 constexpr int64_t PREFETCH_BYTES = 2048;
 
-inline void prefetch_ahead(const void* row, int64_t row_bytes, const at::Half* group_row, int64_t rows_ahead,
-                           int64_t G) {
-  for (int64_t i = 0; i < row_bytes; i += 64)
-    _mm_prefetch(static_cast<const char*>(row) + PREFETCH_BYTES + i, _MM_HINT_T0);
-  if (group_row) _mm_prefetch(reinterpret_cast<const char*>(group_row + rows_ahead * G), _MM_HINT_T0);
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+
+inline void prefetch_row(const void* row, int64_t row_bytes) {
+  for (int64_t i = 0; i < row_bytes; i += 64) prefetch(static_cast<const char*>(row) + PREFETCH_BYTES + i);
 }
 
 // int8: x_g . w_g for group g of one row as 16 partial sums (no horizontal add per group: groups of 32
@@ -58,7 +57,8 @@ void int8_rows(const float* x, const int8_t* data, const at::Half* scale, float*
   for (int64_t n = 0; n < N; ++n) {
     const int8_t* row = data + n * K;
     const at::Half* s = scale + n * G;
-    prefetch_ahead(row, K, s, rows_ahead, G);
+    prefetch_row(row, K);
+    prefetch(s + rows_ahead * G);
     __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps();  // even and odd groups: two chains
     float acc = 0.f;
     for (int64_t g = 0; g < G; ++g) {
@@ -95,8 +95,9 @@ void int4_rows(const float* x, const uint8_t* data, const at::Half* scale, const
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < N; ++n) {
     const uint8_t* row = data + n * (K / 2);
-    prefetch_ahead(row, K / 2, scale + n * G, rows_ahead, G);
-    if (offset) prefetch_ahead(row, 0, offset + n * G, rows_ahead, G);
+    prefetch_row(row, K / 2);
+    prefetch(scale + (n + rows_ahead) * G);
+    if (offset) prefetch(offset + (n + rows_ahead) * G);
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; ++g) {
       const float m = offset ? half_to_float(offset[n * G + g]) : 0.f;
