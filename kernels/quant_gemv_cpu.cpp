@@ -1,5 +1,6 @@
 // One row of float32 activations times a weight-only quantized matrix (model.quant.QuantWeight), the
-// decode step's projection on CPU; built and registered by kernels/quant_gemv_cpu.py (its reference there).
+// decode step's projection on CPU; built and registered by kernels/quant_gemv_cpu.py (its reference:
+// kernels/quantized_matmul.py quant_matmul_reference).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 #include <immintrin.h>

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from model.errors import UserError
-from model.quant import QuantWeight, dequantize
+from model.quant import QuantWeight
 
 SOURCE = Path(__file__).with_suffix(".cpp")
 # The op's schema and shape function live here, its CPU code in the library ``available()`` loads.
@@ -32,13 +32,10 @@ _LIB = torch.library.Library("sublayer", "DEF")
 _LIB.define("quant_gemv(Tensor x, Tensor data, Tensor scale, Tensor? offset, int group_size) -> Tensor")
 
 
-def quant_gemv_reference(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
-    """x: [K] float32, w: [N, K] quantized -> [N] float32: the weight dequantized, then multiplied."""
-    return dequantize(w, torch.float32) @ x
-
-
 def quant_gemv(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
-    """x: [K] float32 (contiguous), w: [N, K] quantized -> [N] float32 (needs ``available()``)."""
+    """x: [K] float32 (contiguous), w: [N, K] quantized -> [N] float32 (needs ``available()``). Its
+    reference is every quantized projection's: ``kernels.quantized_matmul.quant_matmul_reference``
+    (the weight dequantized, then multiplied in float32)."""
     return torch.ops.sublayer.quant_gemv(x, w.data, w.scale, w.offset, w.group_size)
 
 
